@@ -1,0 +1,191 @@
+"""fedvault ClientApp: local DP-SGD on this node's partition, nothing but the update leaves.
+
+Per node (``context``) for the whole run it keeps one privacy account: σ calibrated once for
+the planned run, and the accountant history every round appends to. A round that would
+cross the node's budget is refused with an error reply; the server leaves the node out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.training import DPSettings, train_local
+from common import protocol as P
+from common.config import RunConfig
+from common.data import Partition, load_partition
+from common.evaluation import evaluate
+from common.logs import configure_logging
+from common.models import build_model
+from common.privacy.accounting import (
+    PrivacyAccount,
+    PrivacyBudgetExceeded,
+    calibrate_noise,
+    sample_rate_for,
+    steps_per_epoch,
+)
+
+log = logging.getLogger("fedvault.client")
+app = ClientApp()
+
+STATE_KEY = "fedvault-privacy"
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (node ids are random per run)."""
+    pid, num = _partition_ids(context)
+    info = ConfigRecord({P.PARTITION_ID: pid, "num-partitions": num})
+    return Message(RecordDict({P.NODE_INFO: info}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training on the global weights in ``msg``."""
+    configure_logging()
+    cfg = RunConfig.from_mapping(context.run_config)
+    torch.set_num_threads(cfg.torch_threads)
+    pid, _ = _partition_ids(context)
+    data = _partition(cfg, context)
+    server_round = int(msg.content[P.CONFIG].get("server-round", 0))
+    model = _model(cfg, data, msg)
+
+    account = None
+    dp = None
+    if cfg.dp:
+        account = _privacy_account(cfg, context, len(data.train))
+        steps = cfg.local_epochs * steps_per_epoch(len(data.train), cfg.batch_size)
+        try:
+            epsilon_after = account.check_round(steps)
+        except PrivacyBudgetExceeded as refusal:
+            log.warning("partition %d, round %d: %s", pid, server_round, refusal)
+            return Message(Error(P.PRIVACY_BUDGET_EXHAUSTED, str(refusal)), reply_to=msg)
+        dp = DPSettings(
+            account.noise_multiplier, cfg.max_grad_norm, cfg.accountant, cfg.grad_sample_mode
+        )
+
+    started = time.perf_counter()
+    result = train_local(
+        model,
+        data.train,
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        momentum=cfg.momentum,
+        dp=dp,
+    )
+    metrics: dict[str, float | int] = {
+        P.NUM_EXAMPLES: result.num_examples,
+        P.PARTITION_ID: pid,
+        P.TRAIN_LOSS: result.train_loss,
+        P.TRAIN_SECONDS: time.perf_counter() - started,
+    }
+    if account is not None and result.mechanism is not None:
+        sigma, q, steps_taken = result.mechanism
+        if (sigma, q, steps_taken) != (account.noise_multiplier, account.sample_rate, steps):
+            raise RuntimeError(
+                f"Opacus ran {result.mechanism}, planned {(account.noise_multiplier, account.sample_rate, steps)}"  # noqa: E501
+            )
+        epsilon_before = account.spent()
+        account.record(steps_taken)
+        context.state[STATE_KEY] = ConfigRecord({"account": account.to_json()})
+        metrics |= {
+            P.EPSILON: epsilon_after,
+            P.ROUND_EPSILON: epsilon_after - epsilon_before,
+            P.NOISE_MULTIPLIER: sigma,
+            P.SAMPLE_RATE: q,
+            P.STEPS: steps_taken,
+            P.MAX_GRAD_NORM: cfg.max_grad_norm,
+            P.DELTA: cfg.target_delta,
+        }
+        log.info(
+            "partition %d, round %d: %d steps, σ=%.4f, q=%.4f, ε %.4f → %.4f (budget %g)",
+            pid, server_round, steps_taken, sigma, q, epsilon_before, epsilon_after,
+            cfg.target_epsilon,
+        )
+    content = RecordDict(
+        {P.ARRAYS: ArrayRecord(model.state_dict()), P.METRICS: MetricRecord(metrics)}
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on this node's slice of the test split."""
+    cfg = RunConfig.from_mapping(context.run_config)
+    torch.set_num_threads(cfg.torch_threads)
+    pid, _ = _partition_ids(context)
+    data = _partition(cfg, context)
+    result = evaluate(_model(cfg, data, msg), data.test)
+    metrics = MetricRecord(
+        {
+            P.NUM_EXAMPLES: result.num_examples,
+            P.PARTITION_ID: pid,
+            P.EVAL_LOSS: result.loss,
+            P.EVAL_ACCURACY: result.accuracy,
+        }
+    )
+    return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)
+
+
+def _partition_ids(context: Context) -> tuple[int, int]:
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as missing:
+        raise ValueError(
+            f"node config lacks {missing}: start the SuperNode with "
+            "--node-config 'partition-id=<i> num-partitions=<n>'"
+        ) from None
+
+
+def _partition(cfg: RunConfig, context: Context) -> Partition:
+    pid, num = _partition_ids(context)
+    return load_partition(
+        cfg.dataset,
+        cfg.data_dir,
+        cfg.seed,
+        pid,
+        num,
+        cfg.partitioning,
+        cfg.dirichlet_alpha,
+        cfg.text_features,
+    )
+
+
+def _model(cfg: RunConfig, data: Partition, msg: Message) -> torch.nn.Module:
+    """A fresh model per round (Opacus cannot wrap a model twice) holding the global weights."""
+    model = build_model(
+        cfg.model,
+        data.num_classes,
+        num_features=cfg.text_features,
+        activation=cfg.activation,
+        hidden=cfg.text_hidden,
+    )
+    model.load_state_dict(msg.content[P.ARRAYS].to_torch_state_dict())
+    return model
+
+
+def _privacy_account(cfg: RunConfig, context: Context, num_examples: int) -> PrivacyAccount:
+    """This node's account: restored from ``context.state``, or created (σ calibrated once)."""
+    if STATE_KEY in context.state:
+        return PrivacyAccount.from_json(str(context.state[STATE_KEY]["account"]))
+    q = sample_rate_for(num_examples, cfg.batch_size)
+    planned_steps = (
+        cfg.num_server_rounds * cfg.local_epochs * steps_per_epoch(num_examples, cfg.batch_size)
+    )
+    sigma = cfg.noise_multiplier or calibrate_noise(
+        target_epsilon=cfg.target_epsilon,
+        target_delta=cfg.target_delta,
+        sample_rate=q,
+        total_steps=planned_steps,
+        accountant=cfg.accountant,
+    )
+    log.info(
+        "privacy plan: σ=%.4f for %d steps at q=%.4f → ε ≤ %g at δ=%g (%s)",
+        sigma, planned_steps, q, cfg.target_epsilon, cfg.target_delta, cfg.accountant,
+    )
+    return PrivacyAccount(cfg.accountant, cfg.target_epsilon, cfg.target_delta, sigma, q)

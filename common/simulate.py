@@ -1,0 +1,175 @@
+"""Running a scenario through Flower's simulation engine, the way ``flwr run .`` does.
+
+``fedvault simulate`` is a thin driver around ``flwr run``: it merges the scenario with the
+user's overrides, writes them as a run-config TOML, and runs the app in this checkout on a
+local SuperLink in simulation mode (Ray underneath). The SuperLink is fedvault's own (its
+own ``FLWR_HOME`` and port), started with runtime dependency installation switched off,
+because offline the SuperLink would otherwise try to ``pip install`` the app and fail.
+Flower keeps that SuperLink running between runs so the next run starts fast;
+:func:`stop_local_superlink` ends it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from common.config import ConfigError, RunConfig
+from common.data.sources import default_cache_dir
+from common.scenarios import PROJECT_ROOT, Scenario
+
+log = logging.getLogger("fedvault.simulate")
+
+DEFAULT_SUPERLINK_PORT = 39191  # Flower's own local SuperLink uses 39091; keep clear of it
+RUN_ID = re.compile(r"Successfully started run (\d+)")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class SimulationError(RuntimeError):
+    """The simulation did not produce results; the message says where to look."""
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    run_id: str
+    run_dir: Path
+    log_file: Path
+    seconds: float
+
+
+def flower_env() -> dict[str, str]:
+    """Environment for ``flwr``: fedvault's SuperLink home/port, no runtime pip installs."""
+    env = dict(os.environ)
+    home = Path(env.get("FEDVAULT_FLWR_HOME", default_cache_dir() / "flwr-home"))
+    port = env.get("FEDVAULT_SUPERLINK_PORT", str(DEFAULT_SUPERLINK_PORT))
+    env |= {
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": port,
+        "FLWR_LOCAL_CONTROL_API_PORT": str(int(port) + 2),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_DEDUP_LOGS": "0",
+    }
+    return env
+
+
+def build_run_config(
+    scenario: Scenario, overrides: dict[str, Any], output_dir: Path | None
+) -> dict[str, Any]:
+    """Scenario ∪ overrides, validated, with paths made absolute for the SuperLink's cwd."""
+    merged = {**scenario.run_config, **overrides}
+    if output_dir is not None:
+        merged["output-dir"] = str(output_dir)
+    for key in ("output-dir", "data-dir"):
+        value = merged.get(key, RunConfig().to_mapping()[key])
+        if value:
+            merged[key] = str(Path(str(value)).expanduser().resolve())
+    RunConfig.from_mapping(merged)
+    return merged
+
+
+def run_scenario(
+    scenario: Scenario,
+    *,
+    overrides: dict[str, Any] | None = None,
+    num_clients: int | None = None,
+    output_dir: Path | None = None,
+    verbose: bool = False,
+) -> SimulationResult:
+    """Run ``scenario`` to completion; raise :class:`SimulationError` if it left no results."""
+    if shutil.which("flwr") is None and not (Path(sys.executable).parent / "flwr").exists():
+        raise SimulationError("the `flwr` command is missing: pip install -e . in this venv")
+    run_config = build_run_config(scenario, overrides or {}, output_dir)
+    out_dir = Path(run_config["output-dir"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    supernodes = num_clients or scenario.num_supernodes
+    if supernodes < 1:
+        raise ConfigError("--num-clients must be ≥ 1")
+    min_nodes = int(run_config.get("min-train-nodes", RunConfig.min_train_nodes))
+    if supernodes < min_nodes:
+        raise ConfigError(
+            f"{supernodes} clients but min-train-nodes={min_nodes}: raise --num-clients or "
+            f"--set min-train-nodes={supernodes}"
+        )
+    flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
+    with tempfile.NamedTemporaryFile("wb", suffix=".toml", delete=False) as f:
+        tomli_w.dump(run_config, f)
+        config_file = f.name
+    federation = f"num-supernodes={supernodes} client-resources-num-cpus=1"
+    cmd = [flwr, "run", str(PROJECT_ROOT), "--stream", "--run-config", config_file,
+           "--federation-config", federation]  # fmt: skip
+    log.info("scenario %s: %d clients; %s", scenario.name, supernodes, " ".join(cmd))
+    log_file = out_dir / f"simulation-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    started = time.time()
+    run_id = None
+    try:
+        with log_file.open("w", encoding="utf-8") as sink:
+            proc = subprocess.Popen(
+                cmd,
+                env=flower_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                errors="replace",
+            )
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sink.write(ANSI.sub("", line))
+                if run_id is None and (m := RUN_ID.search(ANSI.sub("", line))):
+                    run_id = m.group(1)
+                if verbose or _worth_showing(line):
+                    sys.stderr.write(line)
+            code = proc.wait()
+    finally:
+        Path(config_file).unlink(missing_ok=True)
+    seconds = time.time() - started
+    if code != 0 or run_id is None:
+        raise SimulationError(f"`flwr run` failed (exit {code}): see {log_file}")
+    run_dir = out_dir / run_id
+    if not (run_dir / "model.pt").exists():
+        raise SimulationError(f"run {run_id} did not finish (no model.pt in {run_dir}): see {log_file}")
+    final_log = run_dir / "simulation.log"
+    log_file.replace(final_log)
+    return SimulationResult(run_id, run_dir, final_log, seconds)
+
+
+def _worth_showing(line: str) -> bool:
+    plain = ANSI.sub("", line)
+    return (
+        "fedvault.server" in plain
+        or "ERROR" in plain
+        or "Traceback" in plain
+        or "refuses" in plain
+        or "Successfully started run" in plain
+    )
+
+
+def stop_local_superlink(env: dict[str, str] | None = None) -> list[int]:
+    """Stop the SuperLink that ``flwr run`` started for fedvault's ``FLWR_HOME`` (Linux)."""
+    home = (env or flower_env())["FLWR_HOME"]
+    stopped = []
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        args = [a.decode(errors="replace") for a in cmdline]
+        if any("flower-superlink" in a for a in args[:2]) and any(home in a for a in args):
+            try:
+                os.kill(int(proc_dir.name), signal.SIGTERM)
+                stopped.append(int(proc_dir.name))
+            except ProcessLookupError:
+                pass
+    return stopped

@@ -1,0 +1,99 @@
+"""fedvault ServerApp: FedAvg rounds, central evaluation, and the run directory.
+
+Writes into ``<output-dir>/<run-id>/``: ``metrics.json`` (after every round) and
+``model.pt`` (the final global model's state dict).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig
+from common.data import load_raw_cached, load_test_set
+from common.evaluation import evaluate
+from common.logs import configure_logging
+from common.models import build_model, count_parameters
+from server.run_record import RunRecord
+from server.strategy import RecordingFedAvg
+
+log = logging.getLogger("fedvault.server")
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    configure_logging()
+    started = time.time()
+    cfg = RunConfig.from_mapping(context.run_config)
+    run_dir = Path(cfg.output_dir).expanduser().resolve() / str(context.run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run %s: results in %s", context.run_id, run_dir)
+
+    raw = load_raw_cached(cfg.dataset, cfg.data_dir, cfg.seed)
+    test_set = load_test_set(cfg.dataset, cfg.data_dir, cfg.seed, cfg.text_features)
+    torch.manual_seed(cfg.seed)  # the initial global model is reproducible (and public)
+    model = build_model(
+        cfg.model,
+        raw.num_classes,
+        num_features=cfg.text_features,
+        activation=cfg.activation,
+        hidden=cfg.text_hidden,
+    )
+    initial = ArrayRecord(model.state_dict())
+    record = RunRecord(
+        run_dir,
+        config=cfg.to_mapping(),
+        summary={
+            "run_id": context.run_id,
+            "dataset": cfg.dataset,
+            "classes": list(raw.classes),
+            "train_examples": len(raw.train_y),
+            "test_examples": len(raw.test_y),
+            "model": cfg.model,
+            "trainable_parameters": count_parameters(model),
+            "update_bytes": initial.count_bytes(),
+        },
+    )
+    strategy = RecordingFedAvg(
+        seed=cfg.seed,
+        record=record,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=cfg.min_train_nodes,
+        min_evaluate_nodes=cfg.min_train_nodes,
+        min_available_nodes=cfg.min_train_nodes,
+    )
+
+    def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        result = evaluate(model, test_set)
+        if server_round == 0:
+            record.initial = {"test_accuracy": result.accuracy, "test_loss": result.loss}
+        else:
+            rec = record.finish_round(server_round, result.accuracy, result.loss)
+            eps = "n/a (dp = false)" if rec.max_epsilon is None else f"{rec.max_epsilon:.3f}"
+            log.info(
+                "round %d/%d: test accuracy %.4f, test loss %.4f, max ε %s (budget %s), "
+                "%d clients trained, %d refused/failed",
+                server_round, cfg.num_server_rounds, result.accuracy, result.loss, eps,
+                cfg.target_epsilon if cfg.dp else "none", len(rec.clients), len(rec.failures),
+            )
+        return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
+
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=cfg.num_server_rounds,
+        train_config=ConfigRecord({"dp": cfg.dp}),
+        evaluate_fn=central_evaluation,
+    )
+    torch.save(result.arrays.to_torch_state_dict(), run_dir / "model.pt")
+    record.summary["wall_seconds"] = time.time() - started
+    record.write()
+    log.info("run %s finished in %.1fs: %s", context.run_id, time.time() - started, run_dir)

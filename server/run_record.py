@@ -1,0 +1,162 @@
+"""The run directory's ``metrics.json``: what every round did, per client, as it happens.
+
+Written atomically after every round (temp file + rename), so an interrupted run still
+leaves a readable record of the rounds it completed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common import protocol as P
+
+
+@dataclass
+class ClientRound:
+    """One client's report for one round (DP fields are None without DP)."""
+
+    partition_id: int
+    num_examples: int
+    train_loss: float
+    train_seconds: float
+    epsilon: float | None = None
+    round_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    steps: int | None = None
+    max_grad_norm: float | None = None
+    delta: float | None = None
+
+    @classmethod
+    def from_metrics(cls, partition_id: int, metrics: dict[str, Any]) -> ClientRound:
+        def opt(key: str) -> Any:
+            return metrics.get(key)
+
+        steps = opt(P.STEPS)
+        return cls(
+            partition_id=partition_id,
+            num_examples=int(metrics[P.NUM_EXAMPLES]),
+            train_loss=float(metrics[P.TRAIN_LOSS]),
+            train_seconds=float(metrics.get(P.TRAIN_SECONDS, 0.0)),
+            epsilon=opt(P.EPSILON),
+            round_epsilon=opt(P.ROUND_EPSILON),
+            noise_multiplier=opt(P.NOISE_MULTIPLIER),
+            sample_rate=opt(P.SAMPLE_RATE),
+            steps=None if steps is None else int(steps),
+            max_grad_norm=opt(P.MAX_GRAD_NORM),
+            delta=opt(P.DELTA),
+        )
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    sampled: list[int]
+    started_at: float
+    clients: list[ClientRound] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    max_epsilon: float | None = None
+    federated_evaluation: dict[str, float] | None = None
+    duration_s: float | None = None
+
+
+class RunRecord:
+    """Accumulates rounds and writes ``metrics.json`` into the run directory."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], summary: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.summary = summary
+        self.rounds: dict[int, RoundRecord] = {}
+        self.initial: dict[str, float] | None = None
+        self.epsilon_by_partition: dict[int, float] = {}
+
+    def start_round(self, server_round: int, sampled: list[int]) -> None:
+        self.rounds[server_round] = RoundRecord(server_round, sampled, time.time())
+
+    def _round(self, server_round: int) -> RoundRecord:
+        if server_round not in self.rounds:  # no training this round (fraction-train = 0)
+            self.start_round(server_round, [])
+        return self.rounds[server_round]
+
+    def add_client(self, server_round: int, client: ClientRound) -> None:
+        self._round(server_round).clients.append(client)
+        if client.epsilon is not None:
+            self.epsilon_by_partition[client.partition_id] = client.epsilon
+
+    def add_failure(self, server_round: int, partition: int, reason: str, refused: bool) -> None:
+        self._round(server_round).failures.append(
+            {"partition_id": partition, "refused_budget": refused, "reason": reason}
+        )
+
+    def set_federated_evaluation(self, server_round: int, metrics: dict[str, float]) -> None:
+        self._round(server_round).federated_evaluation = metrics
+
+    def finish_round(self, server_round: int, accuracy: float, loss: float) -> RoundRecord:
+        """Close a round with the central evaluation; max ε covers every client so far."""
+        rec = self._round(server_round)
+        rec.test_accuracy, rec.test_loss = accuracy, loss
+        rec.max_epsilon = max(self.epsilon_by_partition.values(), default=None)
+        rec.duration_s = time.time() - rec.started_at
+        rec.clients.sort(key=lambda c: c.partition_id)
+        self.write()
+        return rec
+
+    def to_json(self) -> dict[str, Any]:
+        rounds = [asdict(self.rounds[r]) for r in sorted(self.rounds)]
+        for r in rounds:
+            r.pop("started_at")
+        return _finite(
+            {
+                "config": self.config,
+                "summary": self.summary,
+                "initial": self.initial,
+                "rounds": rounds,
+                "final": {
+                    "test_accuracy": rounds[-1]["test_accuracy"] if rounds else None,
+                    "test_loss": rounds[-1]["test_loss"] if rounds else None,
+                    "max_epsilon": rounds[-1]["max_epsilon"] if rounds else None,
+                    "epsilon_by_partition": {
+                        str(k): v for k, v in sorted(self.epsilon_by_partition.items())
+                    },
+                },
+            }
+        )
+
+    def write(self) -> Path:
+        return write_json_atomic(self.run_dir / "metrics.json", self.to_json())
+
+
+def write_json_atomic(path: Path, data: Any) -> Path:
+    """Write JSON so readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null (and say so rather than emit invalid JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value

@@ -1,0 +1,125 @@
+"""FedAvg with reproducible client sampling and a per-client record of every round.
+
+Flower's FedAvg samples with the global ``random`` module over node ids, which are random
+per run, so the same seed would not pick the same clients twice. Here nodes are first
+mapped to the partition they hold (a QUERY message, answered by the ClientApp), then
+sampled by partition id with an RNG seeded from ``(seed, round)``. Aggregation itself is
+Flower's FedAvg, untouched; we only read the replies on the way in.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common import protocol as P
+from server.run_record import ClientRound, RunRecord
+
+log = logging.getLogger("fedvault.server")
+
+QUERY_TIMEOUT_S = 120.0
+NODE_WAIT_POLL_S = 1.0
+
+
+class RecordingFedAvg(FedAvg):
+    """FedAvg that samples by partition id and records what each client reports."""
+
+    def __init__(self, *, seed: int, record: RunRecord, **fedavg_kwargs) -> None:
+        super().__init__(**fedavg_kwargs)
+        self.seed = seed
+        self.record = record
+        self.partition_of: dict[int, int] = {}  # node id → partition id
+
+    # -- sampling -----------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_train == 0.0:
+            return []
+        nodes = self._sample(grid, server_round, self.fraction_train, self.min_train_nodes, "train")
+        self.record.start_round(server_round, [self.partition_of[n] for n in nodes])
+        config["server-round"] = server_round
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(content, nodes, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0:
+            return []
+        nodes = self._sample(
+            grid, server_round, self.fraction_evaluate, self.min_evaluate_nodes, "evaluate"
+        )
+        config["server-round"] = server_round
+        content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return self._construct_messages(content, nodes, MessageType.EVALUATE)
+
+    def _sample(
+        self, grid: Grid, server_round: int, fraction: float, minimum: int, purpose: str
+    ) -> list[int]:
+        """Pick ``max(fraction × nodes, minimum)`` nodes, reproducibly for the seed."""
+        nodes = self._wait_for_nodes(grid, max(minimum, self.min_available_nodes))
+        self._discover(grid, nodes)
+        size = min(max(int(len(nodes) * fraction), minimum), len(nodes))
+        by_partition = {self.partition_of[n]: n for n in nodes}
+        rng = random.Random(f"{self.seed}/{purpose}/{server_round}")
+        chosen = sorted(rng.sample(sorted(by_partition), size))
+        log.info("round %d: %s sampled partitions %s", server_round, purpose, chosen)
+        return [by_partition[p] for p in chosen]
+
+    @staticmethod
+    def _wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
+        while len(nodes := sorted(grid.get_node_ids())) < minimum:
+            log.info("waiting for nodes: %d connected, %d required", len(nodes), minimum)
+            time.sleep(NODE_WAIT_POLL_S)
+        return nodes
+
+    def _discover(self, grid: Grid, nodes: list[int]) -> None:
+        """Ask nodes we have not seen yet which partition they hold."""
+        unknown = [n for n in nodes if n not in self.partition_of]
+        if not unknown:
+            return
+        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+        for reply in grid.send_and_receive(queries, timeout=QUERY_TIMEOUT_S):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("node %d did not say its partition: %s", node, reply.error.reason)
+                continue
+            self.partition_of[node] = int(reply.content[P.NODE_INFO][P.PARTITION_ID])
+        missing = [n for n in unknown if n not in self.partition_of]
+        if missing:
+            raise RuntimeError(f"nodes {missing} did not answer the partition query")
+        log.info("partitions by node: %s", {n: self.partition_of[n] for n in unknown})
+
+    # -- recording ----------------------------------------------------------------------
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for msg in replies:
+            partition = self.partition_of.get(msg.metadata.src_node_id, -1)
+            if msg.has_error():
+                refused = msg.error.code == P.PRIVACY_BUDGET_EXHAUSTED
+                self.record.add_failure(server_round, partition, msg.error.reason or "", refused)
+                log.warning(
+                    "round %d: partition %d %s: %s",
+                    server_round, partition, "refused" if refused else "failed", msg.error.reason,
+                )
+            else:
+                metrics = dict(msg.content[P.METRICS])
+                self.record.add_client(server_round, ClientRound.from_metrics(partition, metrics))
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        metrics = super().aggregate_evaluate(server_round, replies)
+        if metrics is not None:
+            self.record.set_federated_evaluation(server_round, dict(metrics))
+        return metrics
