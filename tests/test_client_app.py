@@ -1,0 +1,82 @@
+"""The real ClientApp, called with real Flower messages and a real Context, round by round."""
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+from client.app import app
+from common import protocol as P
+from common.config import ConfigError
+from common.models import build_model
+from common.privacy.accounting import epsilon_of
+
+RUN_CONFIG = {"num-server-rounds": 2, "target-epsilon": 8.0, "batch-size": 32}
+
+
+def _context(run_config=RUN_CONFIG, partition=0):
+    return Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": partition, "num-partitions": 3},
+        state=RecordDict(),
+        run_config=dict(run_config),
+    )
+
+
+def _message(model, server_round, kind=MessageType.TRAIN):
+    content = RecordDict(
+        {P.ARRAYS: ArrayRecord(model.state_dict()), P.CONFIG: ConfigRecord({"server-round": server_round})}
+    )
+    return Message(content, dst_node_id=7, message_type=kind)
+
+
+def test_epsilon_composes_across_rounds_and_the_budget_is_refused_after():
+    torch.manual_seed(0)
+    model = build_model("lenet5", 10)
+    context = _context()
+    replies = [app(_message(model, r), context) for r in (1, 2)]
+    metrics = [dict(r.content[P.METRICS]) for r in replies]
+    sigma, q, steps = metrics[0][P.NOISE_MULTIPLIER], metrics[0][P.SAMPLE_RATE], metrics[0][P.STEPS]
+    assert metrics[1][P.NOISE_MULTIPLIER] == sigma  # calibrated once, not per round
+    # round 2's cumulative ε is one accountant over both rounds' steps
+    assert metrics[1][P.EPSILON] == pytest.approx(epsilon_of([(sigma, q, 2 * steps)], 1e-5, "prv"))
+    assert metrics[0][P.EPSILON] < metrics[1][P.EPSILON] <= 8.0
+    assert metrics[1][P.ROUND_EPSILON] == pytest.approx(metrics[1][P.EPSILON] - metrics[0][P.EPSILON])
+    # the planned run used the budget; a third round would cross it and is refused
+    refused = app(_message(model, 3), context)
+    assert refused.has_error()
+    assert refused.error.code == P.PRIVACY_BUDGET_EXHAUSTED
+    assert "privacy budget exhausted" in refused.error.reason
+
+
+def test_the_update_is_trained_weights_not_the_global_ones():
+    model = build_model("lenet5", 10)
+    reply = app(_message(model, 1), _context())
+    update = reply.content[P.ARRAYS].to_torch_state_dict()
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, update[k])]
+    assert changed == list(model.state_dict())
+
+
+def test_no_dp_reports_no_epsilon():
+    model = build_model("lenet5", 10)
+    reply = app(_message(model, 1), _context({**RUN_CONFIG, "dp": False}))
+    metrics = dict(reply.content[P.METRICS])
+    assert P.EPSILON not in metrics and metrics[P.NUM_EXAMPLES] > 0
+
+
+def test_evaluate_and_query_handlers():
+    model = build_model("lenet5", 10)
+    context = _context(partition=2)
+    evaluation = app(_message(model, 1, MessageType.EVALUATE), context)
+    metrics = dict(evaluation.content[P.METRICS])
+    assert 0.0 <= metrics[P.EVAL_ACCURACY] <= 1.0 and metrics[P.PARTITION_ID] == 2
+    query = Message(RecordDict(), dst_node_id=7, message_type=MessageType.QUERY)
+    info = app(query, context).content[P.NODE_INFO]
+    assert info[P.PARTITION_ID] == 2 and info["num-partitions"] == 3
+
+
+def test_malformed_config_fails_naming_the_key_and_the_fix():
+    """Flower turns the exception into an error reply; its text names the key."""
+    model = build_model("lenet5", 10)
+    with pytest.raises(ConfigError, match="'batch-size' has value 'big'.*--set batch-size="):
+        app(_message(model, 1), _context({"batch-size": "big"}))
