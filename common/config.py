@@ -85,7 +85,7 @@ class RunConfig:
             (self.max_grad_norm > 0, "max-grad-norm must be > 0"),
             (self.noise_multiplier >= 0, "noise-multiplier must be ≥ 0 (0 = calibrate)"),
             (self.accountant in ("prv", "rdp"), "accountant must be prv or rdp"),
-            (self.grad_sample_mode in ("hooks", "ghost"), "grad-sample-mode must be hooks or ghost"),
+            (self.grad_sample_mode in ("hooks", "ghost"), "grad-sample-mode: hooks or ghost"),
             (self.torch_threads >= 1, "torch-threads must be ≥ 1"),
             (self.text_features >= 16, "text-features must be ≥ 16"),
         ]

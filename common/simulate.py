@@ -62,6 +62,9 @@ def flower_env() -> dict[str, str]:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "RAY_DEDUP_LOGS": "0",
     }
+    # `flwr` starts `flower-superlink` by name: make this venv's scripts findable even when
+    # fedvault was started by absolute path without activating the venv.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
@@ -139,7 +142,9 @@ def run_scenario(
         raise SimulationError(f"`flwr run` failed (exit {code}): see {log_file}")
     run_dir = out_dir / run_id
     if not (run_dir / "model.pt").exists():
-        raise SimulationError(f"run {run_id} did not finish (no model.pt in {run_dir}): see {log_file}")
+        raise SimulationError(
+            f"run {run_id} did not finish (no model.pt in {run_dir}): see {log_file}"
+        )
     final_log = run_dir / "simulation.log"
     log_file.replace(final_log)
     return SimulationResult(run_id, run_dir, final_log, seconds)

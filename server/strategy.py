@@ -85,7 +85,9 @@ class RecordingFedAvg(FedAvg):
         unknown = [n for n in nodes if n not in self.partition_of]
         if not unknown:
             return
-        queries = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown]
+        queries = [
+            Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in unknown
+        ]
         for reply in grid.send_and_receive(queries, timeout=QUERY_TIMEOUT_S):
             node = reply.metadata.src_node_id
             if reply.has_error():

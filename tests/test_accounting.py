@@ -1,5 +1,7 @@
 """ε composes across rounds through one accountant history, and budgets are enforced."""
 
+import itertools
+
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -38,7 +40,7 @@ def test_cumulative_epsilon_equals_one_accountant_over_all_rounds(accountant, cl
     assert account.spent() > single_round * 1.2  # not the per-round ε
     assert account.spent() < k * single_round  # not k times it: composition is sublinear
     assert per_round[0] == pytest.approx(single_round)
-    assert all(a > b for a, b in zip(per_round, per_round[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(per_round))
 
 
 def test_history_round_trips_through_json_and_continues_exactly():

@@ -25,7 +25,10 @@ def _context(run_config=RUN_CONFIG, partition=0):
 
 def _message(model, server_round, kind=MessageType.TRAIN):
     content = RecordDict(
-        {P.ARRAYS: ArrayRecord(model.state_dict()), P.CONFIG: ConfigRecord({"server-round": server_round})}
+        {
+            P.ARRAYS: ArrayRecord(model.state_dict()),
+            P.CONFIG: ConfigRecord({"server-round": server_round}),
+        }
     )
     return Message(content, dst_node_id=7, message_type=kind)
 
@@ -41,7 +44,8 @@ def test_epsilon_composes_across_rounds_and_the_budget_is_refused_after():
     # round 2's cumulative ε is one accountant over both rounds' steps
     assert metrics[1][P.EPSILON] == pytest.approx(epsilon_of([(sigma, q, 2 * steps)], 1e-5, "prv"))
     assert metrics[0][P.EPSILON] < metrics[1][P.EPSILON] <= 8.0
-    assert metrics[1][P.ROUND_EPSILON] == pytest.approx(metrics[1][P.EPSILON] - metrics[0][P.EPSILON])
+    spent_in_round_2 = metrics[1][P.EPSILON] - metrics[0][P.EPSILON]
+    assert metrics[1][P.ROUND_EPSILON] == pytest.approx(spent_in_round_2)
     # the planned run used the budget; a third round would cross it and is refused
     refused = app(_message(model, 3), context)
     assert refused.has_error()
@@ -78,5 +82,5 @@ def test_evaluate_and_query_handlers():
 def test_malformed_config_fails_naming_the_key_and_the_fix():
     """Flower turns the exception into an error reply; its text names the key."""
     model = build_model("lenet5", 10)
-    with pytest.raises(ConfigError, match="'batch-size' has value 'big'.*--set batch-size="):
+    with pytest.raises(ConfigError, match=r"'batch-size' has value 'big'.*--set batch-size="):
         app(_message(model, 1), _context({"batch-size": "big"}))
