@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.keyring import own_identity
+from client.sealing_mod import sealing_mod
 from client.training import DPSettings, train_local
 from common import protocol as P
 from common.config import RunConfig
-from common.data import Partition, load_partition
+from common.crypto import load_identity
+from common.data import Partition, encrypted, load_partition
 from common.evaluation import evaluate
 from common.logs import configure_logging
 from common.models import build_model
@@ -30,7 +35,7 @@ from common.privacy.accounting import (
 )
 
 log = logging.getLogger("fedvault.client")
-app = ClientApp()
+app = ClientApp(mods=[sealing_mod])
 
 STATE_KEY = "fedvault-privacy"
 
@@ -144,6 +149,11 @@ def _partition_ids(context: Context) -> tuple[int, int]:
 
 def _partition(cfg: RunConfig, context: Context) -> Partition:
     pid, num = _partition_ids(context)
+    if cfg.encrypted_data_dir:
+        identity = own_identity(cfg, context, pid, "encrypted-data-dir")
+        return _encrypted_partition(
+            cfg.encrypted_data_dir, pid, str(identity.directory), cfg.text_features
+        )
     return load_partition(
         cfg.dataset,
         cfg.data_dir,
@@ -154,6 +164,15 @@ def _partition(cfg: RunConfig, context: Context) -> Partition:
         cfg.dirichlet_alpha,
         cfg.text_features,
     )
+
+
+@lru_cache(maxsize=4)
+def _encrypted_partition(
+    data_dir: str, partition_id: int, key_dir: str, num_features: int
+) -> Partition:
+    """Decrypted in memory once per process (a simulation actor serves many rounds)."""
+    identity = load_identity(Path(key_dir))
+    return encrypted.load(Path(data_dir), partition_id, identity, num_features)
 
 
 def _model(cfg: RunConfig, data: Partition, msg: Message) -> torch.nn.Module:

@@ -48,6 +48,9 @@ class RunConfig:
     grad_sample_mode: str = "ghost"
     torch_threads: int = 1
     output_dir: str = "runs"
+    encrypt_updates: bool = False
+    keys_dir: str = ""
+    encrypted_data_dir: str = ""
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:

@@ -14,12 +14,15 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
+from common import federation_keys
+from common.config import ConfigError, RunConfig
+from common.crypto import load_identity
 from common.data import load_raw_cached, load_test_set
 from common.evaluation import evaluate
 from common.logs import configure_logging
 from common.models import build_model, count_parameters
 from server.run_record import RunRecord
+from server.sealing import ServerSealer
 from server.strategy import RecordingFedAvg
 
 log = logging.getLogger("fedvault.server")
@@ -86,6 +89,8 @@ def main(grid: Grid, context: Context) -> None:
             )
         return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
 
+    if cfg.encrypt_updates:
+        strategy.sealer = _sealer(cfg, context.run_id, strategy.partition_of)
     result = strategy.start(
         grid=grid,
         initial_arrays=initial,
@@ -97,3 +102,19 @@ def main(grid: Grid, context: Context) -> None:
     record.summary["wall_seconds"] = time.time() - started
     record.write()
     log.info("run %s finished in %.1fs: %s", context.run_id, time.time() - started, run_dir)
+
+
+def _sealer(cfg: RunConfig, run_id: int, partition_of: dict[int, int]) -> ServerSealer:
+    """The server identity and every client's public key, from ``keys-dir``."""
+    if not cfg.keys_dir:
+        raise ConfigError(
+            "encrypt-updates = true needs keys-dir (create one with `fedvault keys federation`)"
+        )
+    keys = Path(cfg.keys_dir)
+    identity = load_identity(federation_keys.server_dir(keys))
+    clients = federation_keys.client_publics(keys)
+    log.info(
+        "updates sealed end to end: %s; %d client keys registered",
+        federation_keys.describe(identity), len(clients),
+    )
+    return ServerSealer(run_id, identity, clients, lambda node: partition_of.get(node, -1))

@@ -20,6 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common import protocol as P
 from server.run_record import ClientRound, RunRecord
+from server.sealing import ServerSealer
 
 log = logging.getLogger("fedvault.server")
 
@@ -35,6 +36,7 @@ class RecordingFedAvg(FedAvg):
         self.seed = seed
         self.record = record
         self.partition_of: dict[int, int] = {}  # node id → partition id
+        self.sealer: ServerSealer | None = None  # set when encrypt-updates = true
 
     # -- sampling -----------------------------------------------------------------------
     def configure_train(
@@ -46,7 +48,8 @@ class RecordingFedAvg(FedAvg):
         self.record.start_round(server_round, [self.partition_of[n] for n in nodes])
         config["server-round"] = server_round
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(content, nodes, MessageType.TRAIN)
+        messages = self._construct_messages(content, nodes, MessageType.TRAIN)
+        return self._protect(messages, server_round)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -58,7 +61,21 @@ class RecordingFedAvg(FedAvg):
         )
         config["server-round"] = server_round
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(content, nodes, MessageType.EVALUATE)
+        return self._protect(
+            self._construct_messages(content, nodes, MessageType.EVALUATE), server_round
+        )
+
+    def _protect(self, messages: Iterable[Message], server_round: int) -> Iterable[Message]:
+        return messages if self.sealer is None else self.sealer.protect(messages, server_round)
+
+    def _open(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Open sealed updates; rejected ones are recorded and left out of the aggregate."""
+        if self.sealer is None:
+            return list(replies)
+        accepted, rejected = self.sealer.open_replies(replies, server_round)
+        for r in rejected:
+            self.record.add_failure(server_round, r.partition_id, r.reason, refused=False)
+        return accepted
 
     def _sample(
         self, grid: Grid, server_round: int, fraction: float, minimum: int, purpose: str
@@ -103,7 +120,7 @@ class RecordingFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        replies = self._open(server_round, replies)
         for msg in replies:
             partition = self.partition_of.get(msg.metadata.src_node_id, -1)
             if msg.has_error():
@@ -121,7 +138,7 @@ class RecordingFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(server_round, replies)
+        metrics = super().aggregate_evaluate(server_round, self._open(server_round, replies))
         if metrics is not None:
             self.record.set_federated_evaluation(server_round, dict(metrics))
         return metrics

@@ -24,6 +24,9 @@ __all__ = [
     "load_raw_cached",
     "load_test_set",
     "partition",
+    "partition_from_raw",
+    "raw_partition",
+    "to_tensors",
 ]
 
 
@@ -43,12 +46,57 @@ def load_raw_cached(name: str, data_dir: str, seed: int) -> RawDataset:
     return load_raw(name, data_dir, seed)
 
 
+def _pick(xs: torch.Tensor | list[str], idx: np.ndarray) -> torch.Tensor | list[str]:
+    return xs[torch.as_tensor(idx)] if isinstance(xs, torch.Tensor) else [xs[i] for i in idx]
+
+
 def _subset(raw: RawDataset, split: str, idx: np.ndarray, num_features: int) -> TensorDataset:
     xs = raw.train_x if split == "train" else raw.test_x
     ys = raw.train_y if split == "train" else raw.test_y
-    picked = xs[torch.as_tensor(idx)] if isinstance(xs, torch.Tensor) else [xs[i] for i in idx]
-    features = featurize(raw.kind, picked, num_features)
-    return TensorDataset(features, torch.as_tensor(ys[idx], dtype=torch.long))
+    return to_tensors(raw.kind, _pick(xs, idx), ys[idx], num_features)
+
+
+def to_tensors(
+    kind: str, inputs: torch.Tensor | list[str], labels: np.ndarray, num_features: int
+) -> TensorDataset:
+    """Raw inputs → (features, labels) tensors, once, so training never transforms per sample."""
+    features = featurize(kind, inputs, num_features)
+    return TensorDataset(features, torch.as_tensor(labels, dtype=torch.long))
+
+
+def raw_partition(
+    name: str, data_dir: str, seed: int, partition_id: int, num_partitions: int,
+    method: str = "iid", alpha: float = 0.5,
+) -> dict:
+    """Client ``partition_id``'s raw share (inputs as published, before features).
+
+    What ``fedvault data prepare`` encrypts: images as uint8, texts as strings.
+    """  # fmt: skip
+    raw = load_raw_cached(name, data_dir, seed)
+    train_idx = partition(raw.train_y, num_partitions, method, seed, alpha)[partition_id]
+    test_idx = iid_partition(len(raw.test_y), num_partitions, seed)[partition_id]
+    return {
+        "dataset": name,
+        "kind": raw.kind,
+        "classes": list(raw.classes),
+        "partition_id": partition_id,
+        "num_partitions": num_partitions,
+        "train_x": _pick(raw.train_x, train_idx),
+        "train_y": torch.as_tensor(raw.train_y[train_idx]),
+        "test_x": _pick(raw.test_x, test_idx),
+        "test_y": torch.as_tensor(raw.test_y[test_idx]),
+    }
+
+
+def partition_from_raw(share: dict, num_features: int) -> Partition:
+    """A :class:`Partition` from a :func:`raw_partition` dict (e.g. decrypted in memory)."""
+    kind = share["kind"]
+    return Partition(
+        int(share["partition_id"]),
+        to_tensors(kind, share["train_x"], np.asarray(share["train_y"]), num_features),
+        to_tensors(kind, share["test_x"], np.asarray(share["test_y"]), num_features),
+        len(share["classes"]),
+    )
 
 
 @lru_cache(maxsize=8)
@@ -65,15 +113,8 @@ def load_partition(
     """Client ``partition_id``'s training data (partitioned by ``method``) and test slice."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} not in [0, {num_partitions})")
-    raw = load_raw_cached(name, data_dir, seed)
-    train_parts = partition(raw.train_y, num_partitions, method, seed, alpha)
-    test_parts = iid_partition(len(raw.test_y), num_partitions, seed)
-    return Partition(
-        partition_id,
-        _subset(raw, "train", train_parts[partition_id], num_features),
-        _subset(raw, "test", test_parts[partition_id], num_features),
-        raw.num_classes,
-    )
+    share = raw_partition(name, data_dir, seed, partition_id, num_partitions, method, alpha)
+    return partition_from_raw(share, num_features)
 
 
 def load_test_set(name: str, data_dir: str, seed: int, num_features: int = 4096) -> TensorDataset:

@@ -1,0 +1,100 @@
+"""Client partitions encrypted at rest: written by ``fedvault data prepare``, read in memory.
+
+Each client's share is serialised with ``torch.save`` (raw inputs: uint8 images or texts, and
+labels) and encrypted into an FVD1 container (:mod:`common.crypto.container`) under that
+client's data key. Loading decrypts straight into memory and ``torch.load``s with
+``weights_only=True`` (no pickle code execution); no plaintext ever touches the disk.
+
+Layout of an encrypted data dir::
+
+    manifest.json          non-secret: data set, partitioning, seed, key id per partition
+    partition-<i>.fvd      client i's share, encrypted for client i
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from common.crypto import Identity, decrypt_to_memory, encrypt_bytes, load_identity
+from common.data import Partition, partition_from_raw, raw_partition
+from common.data.sources import DataError
+from common.federation_keys import client_dir
+
+log = logging.getLogger("fedvault.data")
+
+MANIFEST = "manifest.json"
+
+
+def partition_file(data_dir: Path, partition_id: int) -> Path:
+    return data_dir / f"partition-{partition_id}.fvd"
+
+
+def prepare(
+    out_dir: Path,
+    *,
+    keys_dir: Path,
+    dataset: str,
+    num_partitions: int,
+    data_dir: str = "",
+    seed: int = 42,
+    partitioning: str = "iid",
+    alpha: float = 0.5,
+) -> Path:
+    """Write every client's partition encrypted for that client (keys: ``keys_dir/client-<i>``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key_ids = {}
+    for pid in tqdm(range(num_partitions), desc="encrypting partitions", unit="client"):
+        identity = load_identity(client_dir(keys_dir, pid))
+        share = raw_partition(dataset, data_dir, seed, pid, num_partitions, partitioning, alpha)
+        buffer = io.BytesIO()
+        torch.save(share, buffer)
+        blob = encrypt_bytes(buffer.getvalue(), _data_key(identity), identity.ids.data)
+        partition_file(out_dir, pid).write_bytes(blob)
+        key_ids[str(pid)] = identity.ids.data
+    manifest = {
+        "format": "fedvault-encrypted-partitions",
+        "version": 1,
+        "dataset": dataset,
+        "num_partitions": num_partitions,
+        "partitioning": partitioning,
+        "dirichlet_alpha": alpha,
+        "seed": seed,
+        "data_key_ids": key_ids,
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    log.info("wrote %d encrypted partitions of %s to %s", num_partitions, dataset, out_dir)
+    return out_dir
+
+
+def load(data_dir: Path, partition_id: int, identity: Identity, num_features: int) -> Partition:
+    """Decrypt client ``partition_id``'s share in memory and build its tensors."""
+    path = partition_file(data_dir, partition_id)
+    if not path.exists():
+        raise DataError(
+            f"encrypted partition {path} not found: run `fedvault data prepare` or fix "
+            "encrypted-data-dir"
+        )
+    plaintext = decrypt_to_memory(
+        path, _data_key(identity), identity.ids.data, key_label=f"key dir {identity.directory}"
+    )
+    share = torch.load(io.BytesIO(plaintext), weights_only=True)
+    if int(share["partition_id"]) != partition_id:
+        raise DataError(
+            f"{path} holds partition {share['partition_id']}, not {partition_id}: "
+            "the files were renamed; re-run `fedvault data prepare`"
+        )
+    return partition_from_raw(share, num_features)
+
+
+def _data_key(identity: Identity) -> bytes:
+    if identity.data_key is None or identity.ids.data is None:
+        raise DataError(
+            f"key dir {identity.directory} has no data key (a server identity?): use a client's"
+        )
+    return identity.data_key

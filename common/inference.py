@@ -1,0 +1,324 @@
+"""Using a finished run: load its model, evaluate it on a test split, classify new inputs.
+
+A run directory (``<output-dir>/<run-id>/``, written by the ServerApp) holds ``metrics.json``
+(its ``config`` is the kebab-case run config, ``summary.classes`` the class names) and
+``model.pt`` (the final global model's state dict). Image models classify image files
+(PNG/JPEG, any size or mode, turned MNIST-like by :func:`prepare_image`); text models
+classify strings (:func:`read_text_inputs` expands files into lines).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import nn
+
+from common.config import ConfigError, RunConfig
+from common.data import load_raw_cached, load_test_set
+from common.data.features import image_features, text_features
+from common.metrics import EVAL_BATCH_SIZE, evaluate_with_metrics
+from common.models import build_model
+
+log = logging.getLogger("fedvault.inference")
+
+IMAGE_MODELS = ("lenet5",)
+MNIST_SIZE, MNIST_BOX = 28, 20  # MNIST: digit scaled into a 20×20 box centred in 28×28
+INK_THRESHOLD = 64  # grey level (after inversion and contrast stretch) that counts as ink
+
+__all__ = [
+    "InferenceError",
+    "LoadedRun",
+    "Prediction",
+    "RunDirError",
+    "evaluate_run",
+    "load_run",
+    "predict",
+    "prepare_image",
+    "read_text_inputs",
+]
+
+
+class InferenceError(RuntimeError):
+    """Evaluation or prediction cannot proceed; the message names the problem and the fix."""
+
+
+class RunDirError(InferenceError):
+    """A run directory is missing, incomplete or unreadable; the message names the path."""
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """A finished run: its config, its final model (eval mode, CPU) and its classes."""
+
+    run_dir: Path
+    config: RunConfig
+    model: nn.Module
+    classes: tuple[str, ...]
+    kind: str  # "image" or "text"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One input's predicted class; ``error`` (one line) is set instead when it failed."""
+
+    input: str
+    label: str | None
+    probability: float | None
+    error: str | None = None
+    probabilities: dict[str, float] | None = None  # every class's softmax probability
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "input": self.input,
+            "label": self.label,
+            "probability": self.probability,
+            "error": self.error,
+            "probabilities": self.probabilities,
+        }
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    """Load a run directory's config, class names and final model (eval mode, on CPU)."""
+    path = Path(run_dir).expanduser()
+    if not path.is_dir():
+        raise RunDirError(
+            f"run directory {path} not found: pass a folder a run wrote "
+            "(<output-dir>/<run-id>, e.g. runs/<run-id>)"
+        )
+    metrics_path, model_path = path / "metrics.json", path / "model.pt"
+    if not metrics_path.is_file():
+        raise RunDirError(
+            f"{metrics_path} not found: {path} is not a fedvault run directory; pass "
+            "<output-dir>/<run-id>"
+        )
+    try:
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+        config = RunConfig.from_mapping(metrics["config"])
+        classes = tuple(str(c) for c in metrics["summary"]["classes"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise RunDirError(f"{metrics_path} cannot be read ({_one_line(err)}): re-run") from None
+    except (KeyError, TypeError) as err:
+        raise RunDirError(
+            f"{metrics_path} has no config/summary.classes ({_one_line(err)}): is it a "
+            "fedvault metrics.json?"
+        ) from None
+    except ConfigError as err:
+        raise RunDirError(f"{metrics_path}: {err}") from None
+    if not model_path.is_file():
+        raise RunDirError(
+            f"{model_path} not found: the run did not finish (model.pt is written after the "
+            "last round); re-run it or pass a finished run's directory"
+        )
+    model = build_model(
+        config.model,
+        len(classes),
+        num_features=config.text_features,
+        activation=config.activation,
+        hidden=config.text_hidden,
+    )
+    try:
+        state = torch.load(model_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as err:  # unpickling / shape mismatch: many exception types
+        raise RunDirError(
+            f"{model_path} cannot be loaded as a {config.model} with {len(classes)} classes "
+            f"({_one_line(err)}): is the file from this run?"
+        ) from None
+    model.eval()
+    kind = "image" if config.model in IMAGE_MODELS else "text"
+    log.info(
+        "loaded run %s: %s model on %s, %d classes",
+        path,
+        config.model,
+        config.dataset,
+        len(classes),
+    )
+    return LoadedRun(path, config, model, classes, kind)
+
+
+def evaluate_run(
+    run_dir: str | Path | LoadedRun, dataset: str | None = None, data_dir: str | None = None
+) -> dict[str, Any]:
+    """Metrics of a run's final model on the test split of ``dataset``.
+
+    Defaults: the run's own dataset; ``data_dir`` and the seed (which fixes the test split
+    of data sets published without one) come from the run's config. Returns
+    :func:`common.metrics.evaluate_with_metrics`'s dict plus ``dataset``.
+    """
+    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir)
+    cfg = run.config
+    name = dataset if dataset is not None else cfg.dataset
+    folder = data_dir if data_dir is not None else cfg.data_dir
+    raw = load_raw_cached(name, folder, cfg.seed)
+    if raw.kind != run.kind or tuple(raw.classes) != run.classes:
+        raise InferenceError(
+            f"dataset {name!r} ({raw.kind}, classes {list(raw.classes)}) does not match run "
+            f"{run.run_dir} ({run.kind}, classes {list(run.classes)}): evaluate on a data set "
+            f"with the same classes, e.g. {cfg.dataset!r}"
+        )
+    test_set = load_test_set(name, folder, cfg.seed, cfg.text_features)
+    result = evaluate_with_metrics(run.model, test_set, run.num_classes, run.classes)
+    result["dataset"] = name
+    log.info(
+        "run %s on %s test split: accuracy %.4f, macro F1 %.4f, %d examples",
+        run.run_dir,
+        name,
+        result["accuracy"],
+        result["f1_macro"],
+        result["num_examples"],
+    )
+    return result
+
+
+def predict(run_dir: str | Path | LoadedRun, inputs: Sequence[str]) -> list[Prediction]:
+    """Classify ``inputs`` with a run's model, one :class:`Prediction` each, in order.
+
+    Image models: each input is an image file path. Text models: each input is a text. An
+    input that cannot be used (unreadable or undecodable file, empty text) gets a
+    Prediction with ``error`` set; the others are still classified.
+    """
+    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir)
+    results: list[Prediction | None] = [None] * len(inputs)
+    good: list[int] = []
+    if run.kind == "image":
+        images: list[torch.Tensor] = []
+        for i, item in enumerate(inputs):
+            try:
+                images.append(load_image(item))
+                good.append(i)
+            except Exception as err:  # PIL raises OSError, ValueError, DecompressionBomb...
+                results[i] = _failed(item, _image_error(item, err))
+        features = image_features(torch.stack(images)) if images else None
+    else:
+        texts: list[str] = []
+        for i, item in enumerate(inputs):
+            if item.strip():
+                texts.append(item)
+                good.append(i)
+            else:
+                results[i] = _failed(item, "empty text: nothing to classify")
+        features = text_features(texts, run.config.text_features) if texts else None
+    if features is not None:
+        probs = _probabilities(run.model, features)
+        for row, i in zip(probs, good, strict=True):
+            best = int(row.argmax())
+            results[i] = Prediction(
+                input=inputs[i],
+                label=run.classes[best],
+                probability=float(row[best]),
+                error=None,
+                probabilities={c: float(p) for c, p in zip(run.classes, row, strict=True)},
+            )
+    failed = sum(1 for r in results if r is not None and r.error is not None)
+    log.info("classified %d input(s) with run %s, %d failed", len(inputs), run.run_dir, failed)
+    return [r for r in results if r is not None]
+
+
+@torch.no_grad()
+def _probabilities(model: nn.Module, features: torch.Tensor) -> np.ndarray:
+    model.eval()
+    chunks = [
+        torch.softmax(model(features[s : s + EVAL_BATCH_SIZE]).double(), dim=1).numpy()
+        for s in range(0, len(features), EVAL_BATCH_SIZE)
+    ]
+    return np.concatenate(chunks)
+
+
+def _failed(item: str, message: str) -> Prediction:
+    log.warning("%s", message)
+    return Prediction(input=item, label=None, probability=None, error=message)
+
+
+def _image_error(path: str, err: Exception) -> str:
+    if isinstance(err, FileNotFoundError):
+        return f"{path}: no such file"
+    if isinstance(err, IsADirectoryError):
+        return f"{path}: is a directory, not an image file"
+    return f"{path}: cannot read as an image ({type(err).__name__}: {_one_line(err)})"
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """Open an image file and make it MNIST-like (:func:`prepare_image`)."""
+    with Image.open(path) as img:
+        img.load()  # decode now: a truncated/corrupt file fails here, inside the with
+        return prepare_image(img)
+
+
+def prepare_image(img: Image.Image) -> torch.Tensor:
+    """Any image → uint8 ``28×28`` tensor that looks like MNIST: white ink on black, the
+    digit's bounding box scaled into a 20×20 box centred in the 28×28 frame.
+
+    Steps: apply the EXIF orientation; flatten transparency (ink = the opaque strokes);
+    greyscale; invert when the background is light (mean > 127); stretch the contrast to
+    0-255; crop to the ink; resize preserving the aspect ratio; pad.
+    """
+    img = ImageOps.exif_transpose(img)
+    gray = _flatten_alpha(img) if _has_alpha(img) else img.convert("L")
+    if np.asarray(gray).mean() > 127:  # dark ink on a light background: MNIST is inverted
+        gray = ImageOps.invert(gray)
+    gray = ImageOps.autocontrast(gray)
+    box = gray.point(lambda v: 255 if v >= INK_THRESHOLD else 0).getbbox()
+    if box is not None:  # None: blank image, keep the whole frame
+        gray = gray.crop(box)
+    w, h = gray.size
+    scale = MNIST_BOX / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    gray = gray.resize(size, Image.Resampling.LANCZOS)
+    frame = Image.new("L", (MNIST_SIZE, MNIST_SIZE), 0)
+    frame.paste(gray, ((MNIST_SIZE - size[0]) // 2, (MNIST_SIZE - size[1]) // 2))
+    return torch.from_numpy(np.array(frame, dtype=np.uint8))
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
+
+
+def _flatten_alpha(img: Image.Image) -> Image.Image:
+    """Composite onto a background that contrasts with the ink (the opaque pixels)."""
+    rgba = img.convert("RGBA")
+    alpha = np.asarray(rgba.getchannel("A"), dtype=np.float64)
+    if alpha.min() == 255:
+        return rgba.convert("L")
+    gray = np.asarray(rgba.convert("L"), dtype=np.float64)
+    ink = (gray * alpha).sum() / max(alpha.sum(), 1.0)
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if ink < 128 else (0, 0, 0, 255))
+    return Image.alpha_composite(background, rgba).convert("L")
+
+
+def read_text_inputs(args: Sequence[str]) -> list[str]:
+    """Texts to classify: an argument naming an existing file gives its non-empty lines
+    (stripped), any other argument is a text itself."""
+    texts: list[str] = []
+    for arg in args:
+        path = Path(arg).expanduser()
+        if not path.is_file():
+            texts.append(arg)
+            continue
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise InferenceError(
+                f"{path} is not a UTF-8 text file: pass texts, one a line"
+            ) from None
+        except OSError as err:
+            raise InferenceError(f"{path} cannot be read ({_one_line(err)})") from None
+        kept = [line.strip() for line in lines if line.strip()]
+        log.debug("%s: %d text(s)", path, len(kept))
+        texts.extend(kept)
+    return texts
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
