@@ -21,9 +21,9 @@ from client.sealing_mod import sealing_mod
 from client.training import DPSettings, train_local
 from common import protocol as P
 from common.config import RunConfig
-from common.crypto import load_identity
 from common.data import Partition, encrypted, load_partition
 from common.evaluation import evaluate
+from common.federation_keys import load_own
 from common.logs import configure_logging
 from common.models import build_model
 from common.privacy.accounting import (
@@ -171,7 +171,7 @@ def _encrypted_partition(
     data_dir: str, partition_id: int, key_dir: str, num_features: int
 ) -> Partition:
     """Decrypted in memory once per process (a simulation actor serves many rounds)."""
-    identity = load_identity(Path(key_dir))
+    identity = load_own(key_dir)
     return encrypted.load(Path(data_dir), partition_id, identity, num_features)
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from flwr.app import Context
 
 from common.config import ConfigError, RunConfig
-from common.crypto import Identity, PublicIdentity, load_identity, load_public
-from common.federation_keys import client_dir, server_dir
+from common.crypto import Identity, PublicIdentity, load_public
+from common.federation_keys import client_dir, load_own, server_dir
 
 
 def _keys_dir(cfg: RunConfig, needed_for: str) -> Path:
@@ -43,7 +43,7 @@ def server_public(cfg: RunConfig, context: Context, needed_for: str) -> PublicId
 
 @lru_cache(maxsize=16)
 def _identity(path: str) -> Identity:
-    return load_identity(Path(path))
+    return load_own(path)
 
 
 @lru_cache(maxsize=16)

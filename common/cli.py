@@ -7,8 +7,10 @@ and the fix, and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
+import os
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
@@ -61,6 +63,130 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _passphrase(args: argparse.Namespace, confirm: bool = False) -> bytes | None:
+    """From $FEDVAULT_PASSPHRASE, or a prompt with --passphrase; None = unprotected."""
+    if os.environ.get("FEDVAULT_PASSPHRASE"):
+        return os.environ["FEDVAULT_PASSPHRASE"].encode()
+    if not getattr(args, "passphrase", False):
+        return None
+    first = getpass.getpass("passphrase: ")
+    if confirm and getpass.getpass("passphrase again: ") != first:
+        raise ConfigError("the two passphrases differ: run the command again")
+    return first.encode()
+
+
+def cmd_keys_init(args: argparse.Namespace) -> int:
+    from common.crypto import fingerprints, init_identity
+
+    init_identity(args.out, args.role, args.name, _passphrase(args, confirm=True), args.force)
+    _print_fingerprints(fingerprints(args.out))
+    return 0
+
+
+def cmd_keys_federation(args: argparse.Namespace) -> int:
+    from common.federation_keys import provision
+
+    provision(Path(args.out), args.clients)
+    print(f"keys for the server and {args.clients} clients in {args.out}")
+    return 0
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    from common.crypto import fingerprints
+
+    _print_fingerprints(fingerprints(args.dir))
+    return 0
+
+
+def _print_fingerprints(info: dict[str, Any]) -> None:
+    for key in ("directory", "role", "name", "x25519_key_id", "ed25519_key_id", "data_key_id",
+                "passphrase_protected"):  # fmt: skip
+        print(f"{key:22s} {info[key]}")
+
+
+def _data_identity(args: argparse.Namespace):
+    from common.crypto import load_identity
+    from common.crypto.errors import WrongKeyError
+
+    identity = load_identity(args.key, _passphrase(args))
+    if identity.data_key is None or identity.ids.data is None:
+        raise WrongKeyError(f"key dir {args.key} has no data key: pass a client's key dir")
+    return identity
+
+
+def cmd_data_encrypt(args: argparse.Namespace) -> int:
+    from common.crypto import encrypt_file
+
+    identity = _data_identity(args)
+    size = encrypt_file(args.input, args.output, identity.data_key, identity.ids.data)
+    print(f"encrypted {args.input} → {args.output} ({size} bytes) for data key {identity.ids.data}")
+    return 0
+
+
+def cmd_data_decrypt(args: argparse.Namespace) -> int:
+    from common.crypto import decrypt_file
+
+    identity = _data_identity(args)
+    size = decrypt_file(
+        args.input, args.output, identity.data_key, identity.ids.data,
+        key_label=f"key dir '{args.key}'",
+    )  # fmt: skip
+    print(f"decrypted {args.input} → {args.output} ({size} bytes; for inspection only)")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from common.data.encrypted import prepare
+
+    out = prepare(
+        Path(args.out), keys_dir=Path(args.keys), dataset=args.dataset,
+        num_partitions=args.clients, data_dir=args.data_dir or "", seed=args.seed,
+        partitioning=args.partitioning, alpha=args.dirichlet_alpha,
+    )  # fmt: skip
+    print(f"{args.clients} encrypted partitions in {out}; run with "
+          f"--set encrypted-data-dir={out} --set keys-dir={args.keys}")  # fmt: skip
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from common.inference import evaluate_run
+
+    m = evaluate_run(Path(args.run_dir), args.dataset, args.data_dir)
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}"
+    print(f"{m['dataset']}: {m['num_examples']} test examples")
+    print(f"accuracy {m['accuracy']:.4f}  loss {m['loss']:.4f}  ROC AUC {auc}")
+    print(f"macro precision {m['precision_macro']:.4f}  recall {m['recall_macro']:.4f}  "
+          f"F1 {m['f1_macro']:.4f}")  # fmt: skip
+    print(f"{'class':>12s} {'precision':>9s} {'recall':>7s} {'F1':>7s} {'support':>8s}")
+    for c in m["per_class"]:
+        print(f"{c['class']:>12s} {c['precision']:9.4f} {c['recall']:7.4f} {c['f1']:7.4f} "
+              f"{c['support']:8d}")  # fmt: skip
+    print("confusion matrix (rows: true, columns: predicted):")
+    for row in m["confusion_matrix"]:
+        print("  " + " ".join(f"{v:5d}" for v in row))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from common.inference import load_run, predict, read_text_inputs
+
+    run = load_run(Path(args.run_dir))
+    inputs = read_text_inputs(args.inputs) if run.kind == "text" else args.inputs
+    failed = 0
+    for p in predict(run, inputs):
+        if args.json:
+            print(json.dumps(p.to_json()))
+        elif p.error:
+            print(f"fedvault: error: {p.error}", file=sys.stderr)
+        else:
+            print(f"{p.label}\t{p.probability:.4f}\t{p.input}")
+        failed += p.error is not None
+    return 1 if failed else 0
+
+
 def cmd_scenarios(_args: argparse.Namespace) -> int:
     from common import scenarios
 
@@ -87,6 +213,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("scenarios", help="list the scenarios in simulations/")
     lst.set_defaults(func=cmd_scenarios)
+
+    keys = sub.add_parser("keys", help="create and inspect identities (key dirs)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    k_init = keys_sub.add_parser("init", help="create a party's X25519/Ed25519 (+ data) keys")
+    k_init.add_argument("--role", choices=["server", "client"], required=True)
+    k_init.add_argument("--name", required=True)
+    k_init.add_argument("--out", required=True, help="key dir to create")
+    k_init.add_argument("--passphrase", action="store_true",
+                        help="protect private keys (prompt, or $FEDVAULT_PASSPHRASE)")
+    k_init.add_argument("--force", action="store_true", help="replace existing keys")
+    k_init.set_defaults(func=cmd_keys_init)
+    k_show = keys_sub.add_parser("show", help="print a key dir's key ids")
+    k_show.add_argument("dir")
+    k_show.set_defaults(func=cmd_keys_show)
+    k_fed = keys_sub.add_parser("federation", help="server + client-<i> key dirs for a simulation")
+    k_fed.add_argument("--out", required=True)
+    k_fed.add_argument("--clients", type=int, required=True)
+    k_fed.set_defaults(func=cmd_keys_federation)
+
+    data = sub.add_parser("data", help="encrypt data sets at rest")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    for name, func, helptext in (
+        ("encrypt", cmd_data_encrypt, "encrypt a file with a client's data key"),
+        ("decrypt", cmd_data_decrypt, "decrypt a file (for inspection only)"),
+    ):
+        d = data_sub.add_parser(name, help=helptext)
+        d.add_argument("input")
+        d.add_argument("output")
+        d.add_argument("--key", required=True, help="the client's key dir")
+        d.add_argument("--passphrase", action="store_true")
+        d.set_defaults(func=func)
+    prep = data_sub.add_parser("prepare", help="write each client's partition, encrypted")
+    prep.add_argument("--dataset", default="digits")
+    prep.add_argument("--data-dir", default="")
+    prep.add_argument("--clients", type=int, required=True)
+    prep.add_argument("--keys", required=True, help="keys dir with client-<i>/ (keys federation)")
+    prep.add_argument("--out", required=True)
+    prep.add_argument("--seed", type=int, default=42)
+    prep.add_argument("--partitioning", choices=["iid", "dirichlet"], default="iid")
+    prep.add_argument("--dirichlet-alpha", type=float, default=0.5)
+    prep.set_defaults(func=cmd_data_prepare)
+
+    ev = sub.add_parser("evaluate", help="metrics of a run's final model on a test split")
+    ev.add_argument("run_dir")
+    ev.add_argument("--dataset", help="default: the run's own")
+    ev.add_argument("--data-dir")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="classify images or texts with a run's final model")
+    pr.add_argument("run_dir")
+    pr.add_argument("inputs", nargs="+", help="image files, or texts / text files (one a line)")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_predict)
     return parser
 
 
@@ -107,10 +287,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _is_user_error(err: Exception) -> bool:
+    from common.crypto import CryptoError
     from common.data.sources import DataError
+    from common.inference import InferenceError
     from common.simulate import SimulationError
 
-    return isinstance(err, (*USER_ERRORS, DataError, SimulationError))
+    return isinstance(err, (*USER_ERRORS, DataError, SimulationError, CryptoError, InferenceError))
 
 
 if __name__ == "__main__":

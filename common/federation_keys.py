@@ -12,9 +12,10 @@ In deployment each party keeps only its own private dir plus the others' ``publi
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
-from common.crypto import Identity, PublicIdentity, init_identity, load_public
+from common.crypto import Identity, PublicIdentity, init_identity, load_identity, load_public
 
 log = logging.getLogger("fedvault.keys")
 
@@ -53,6 +54,12 @@ def client_publics(keys_dir: Path) -> dict[int, PublicIdentity]:
         if suffix.isdigit():
             publics[int(suffix)] = load_public(path)
     return publics
+
+
+def load_own(directory: Path | str) -> Identity:
+    """Load this party's identity; a protected key dir takes $FEDVAULT_PASSPHRASE."""
+    passphrase = os.environ.get("FEDVAULT_PASSPHRASE")
+    return load_identity(Path(directory), passphrase.encode() if passphrase else None)
 
 
 def describe(identity: Identity) -> str:

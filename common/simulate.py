@@ -28,6 +28,7 @@ import tomli_w
 
 from common.config import ConfigError, RunConfig
 from common.data.sources import default_cache_dir
+from common.federation_keys import provision
 from common.scenarios import PROJECT_ROOT, Scenario
 
 log = logging.getLogger("fedvault.simulate")
@@ -106,6 +107,11 @@ def run_scenario(
             f"{supernodes} clients but min-train-nodes={min_nodes}: raise --num-clients or "
             f"--set min-train-nodes={supernodes}"
         )
+    if run_config.get("encrypt-updates") and not run_config.get("keys-dir"):
+        # A simulation's parties all live here: give them identities next to the results.
+        keys_dir = out_dir / "keys"
+        provision(keys_dir, supernodes)
+        run_config["keys-dir"] = str(keys_dir)
     flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
     with tempfile.NamedTemporaryFile("wb", suffix=".toml", delete=False) as f:
         tomli_w.dump(run_config, f)

@@ -16,10 +16,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import federation_keys
 from common.config import ConfigError, RunConfig
-from common.crypto import load_identity
 from common.data import load_raw_cached, load_test_set
-from common.evaluation import evaluate
 from common.logs import configure_logging
+from common.metrics import evaluate_with_metrics
 from common.models import build_model, count_parameters
 from server.run_record import RunRecord
 from server.sealing import ServerSealer
@@ -75,19 +74,19 @@ def main(grid: Grid, context: Context) -> None:
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        result = evaluate(model, test_set)
+        m = evaluate_with_metrics(model, test_set, raw.num_classes, list(raw.classes))
         if server_round == 0:
-            record.initial = {"test_accuracy": result.accuracy, "test_loss": result.loss}
+            record.initial = {"test_accuracy": m["accuracy"], "test_loss": m["loss"]}
         else:
-            rec = record.finish_round(server_round, result.accuracy, result.loss)
+            rec = record.finish_round(server_round, m)
             eps = "n/a (dp = false)" if rec.max_epsilon is None else f"{rec.max_epsilon:.3f}"
             log.info(
-                "round %d/%d: test accuracy %.4f, test loss %.4f, max ε %s (budget %s), "
-                "%d clients trained, %d refused/failed",
-                server_round, cfg.num_server_rounds, result.accuracy, result.loss, eps,
+                "round %d/%d: test accuracy %.4f, macro F1 %.4f, test loss %.4f, max ε %s "
+                "(budget %s), %d clients trained, %d refused/failed",
+                server_round, cfg.num_server_rounds, m["accuracy"], m["f1_macro"], m["loss"], eps,
                 cfg.target_epsilon if cfg.dp else "none", len(rec.clients), len(rec.failures),
             )
-        return MetricRecord({"accuracy": result.accuracy, "loss": result.loss})
+        return MetricRecord({"accuracy": m["accuracy"], "loss": m["loss"], "f1": m["f1_macro"]})
 
     if cfg.encrypt_updates:
         strategy.sealer = _sealer(cfg, context.run_id, strategy.partition_of)
@@ -111,7 +110,7 @@ def _sealer(cfg: RunConfig, run_id: int, partition_of: dict[int, int]) -> Server
             "encrypt-updates = true needs keys-dir (create one with `fedvault keys federation`)"
         )
     keys = Path(cfg.keys_dir)
-    identity = load_identity(federation_keys.server_dir(keys))
+    identity = federation_keys.load_own(federation_keys.server_dir(keys))
     clients = federation_keys.client_publics(keys)
     log.info(
         "updates sealed end to end: %s; %d client keys registered",

@@ -17,6 +17,16 @@ from typing import Any
 
 from common import protocol as P
 
+DETAILED_METRICS = (
+    "precision_macro",
+    "recall_macro",
+    "f1_macro",
+    "roc_auc",
+    "per_class",
+    "confusion_matrix",
+    "classes",
+)
+
 
 @dataclass
 class ClientRound:
@@ -65,6 +75,8 @@ class RoundRecord:
     test_accuracy: float | None = None
     test_loss: float | None = None
     max_epsilon: float | None = None
+    test_f1_macro: float | None = None
+    test_metrics: dict[str, Any] | None = None  # precision/recall/F1 (macro, per class), AUC, CM
     federated_evaluation: dict[str, float] | None = None
     duration_s: float | None = None
 
@@ -101,10 +113,15 @@ class RunRecord:
     def set_federated_evaluation(self, server_round: int, metrics: dict[str, float]) -> None:
         self._round(server_round).federated_evaluation = metrics
 
-    def finish_round(self, server_round: int, accuracy: float, loss: float) -> RoundRecord:
+    def finish_round(self, server_round: int, metrics: dict[str, Any]) -> RoundRecord:
         """Close a round with the central evaluation; max ε covers every client so far."""
         rec = self._round(server_round)
-        rec.test_accuracy, rec.test_loss = accuracy, loss
+        rec.test_accuracy, rec.test_loss = metrics["accuracy"], metrics["loss"]
+        rec.test_f1_macro = metrics["f1_macro"]
+        rec.test_metrics = {
+            k: metrics[k]
+            for k in DETAILED_METRICS
+        }
         rec.max_epsilon = max(self.epsilon_by_partition.values(), default=None)
         rec.duration_s = time.time() - rec.started_at
         rec.clients.sort(key=lambda c: c.partition_id)
@@ -124,6 +141,8 @@ class RunRecord:
                 "final": {
                     "test_accuracy": rounds[-1]["test_accuracy"] if rounds else None,
                     "test_loss": rounds[-1]["test_loss"] if rounds else None,
+                    "test_f1_macro": rounds[-1]["test_f1_macro"] if rounds else None,
+                    "test_roc_auc": rounds[-1]["test_metrics"]["roc_auc"] if rounds else None,
                     "max_epsilon": rounds[-1]["max_epsilon"] if rounds else None,
                     "epsilon_by_partition": {
                         str(k): v for k, v in sorted(self.epsilon_by_partition.items())

@@ -22,16 +22,22 @@ def fedvault(*args, check=True):
 
 
 def _run_dir(out):
-    (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir() and p.name != "keys"]
     return run_dir
 
 
-def test_digits_three_clients_two_rounds(flower_home, tmp_path):
-    proc = fedvault("simulate", "digits-dp", "--num-clients", "3", "--output-dir", str(tmp_path),
+@pytest.fixture(scope="module")
+def digits_run(flower_home, tmp_path_factory):
+    """One real 3-client, 2-round run of the default scenario (sealed updates on)."""
+    out = tmp_path_factory.mktemp("digits-run")
+    proc = fedvault("simulate", "digits-dp", "--num-clients", "3", "--output-dir", str(out),
                     "--set", "num-server-rounds=2")  # fmt: skip
     assert "final test accuracy" in proc.stdout
-    run_dir = _run_dir(tmp_path)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return _run_dir(out)
+
+
+def test_digits_three_clients_two_rounds(digits_run):
+    metrics = json.loads((digits_run / "metrics.json").read_text())
     rounds = metrics["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[-1]["test_accuracy"] > 0.3  # chance is 0.1
@@ -41,9 +47,36 @@ def test_digits_three_clients_two_rounds(flower_home, tmp_path):
         assert sorted(c["partition_id"] for c in r["clients"]) == [0, 1, 2]
         assert all(c["num_examples"] > 400 and c["epsilon"] <= 8.0 for c in r["clients"])
         assert r["max_epsilon"] == max(c["epsilon"] for c in r["clients"])
+        assert r["test_metrics"]["confusion_matrix"] and 0 <= r["test_f1_macro"] <= 1
     assert metrics["config"]["target-epsilon"] == 8.0
+    assert metrics["config"]["encrypt-updates"] is True
+    assert "updates sealed end to end" in (digits_run / "simulation.log").read_text()
     model = LeNet5()
-    model.load_state_dict(torch.load(run_dir / "model.pt"))
+    model.load_state_dict(torch.load(digits_run / "model.pt"))
+
+
+def test_evaluate_matches_the_runs_last_round(digits_run):
+    proc = fedvault("evaluate", str(digits_run), "--json")
+    evaluation = json.loads(proc.stdout)
+    last = json.loads((digits_run / "metrics.json").read_text())["rounds"][-1]
+    assert evaluation["accuracy"] == pytest.approx(last["test_accuracy"], abs=1e-9)
+    assert evaluation["f1_macro"] == pytest.approx(last["test_f1_macro"], abs=1e-9)
+    assert evaluation["confusion_matrix"] == last["test_metrics"]["confusion_matrix"]
+
+
+def test_run_from_encrypted_partitions(flower_home, tmp_path):
+    keys, enc = tmp_path / "keys", tmp_path / "enc"
+    fedvault("keys", "federation", "--out", str(keys), "--clients", "3")
+    fedvault("data", "prepare", "--dataset", "digits", "--clients", "3", "--keys", str(keys),
+             "--out", str(enc))  # fmt: skip
+    out = tmp_path / "runs"
+    fedvault("simulate", "digits-dp", "--num-clients", "3", "--output-dir", str(out),
+             "--set", "num-server-rounds=1", "--set", f"keys-dir={keys}",
+             "--set", f"encrypted-data-dir={enc}")  # fmt: skip
+    run_dir = _run_dir(out)
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert len(rounds[0]["clients"]) == 3 and not rounds[0]["failures"]
+    assert rounds[0]["test_accuracy"] > 0.2
 
 
 def test_budget_refusal_leaves_clients_out_and_the_run_goes_on(flower_home, tmp_path):

@@ -1,0 +1,67 @@
+"""The fedvault command: keys, data encryption, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from common.cli import main, parse_set
+
+
+def fedvault(*args):
+    return subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+def test_parse_set_reads_toml_values():
+    assert parse_set(["a=1", "b=0.5", "c=true", 'd="x"', "e=plain"]) == {
+        "a": 1, "b": 0.5, "c": True, "d": "x", "e": "plain"
+    }  # fmt: skip
+
+
+def test_keys_init_show_and_no_overwrite(tmp_path, capsys):
+    out = tmp_path / "c0"
+    assert main(["keys", "init", "--role", "client", "--name", "c0", "--out", str(out)]) == 0
+    shown = capsys.readouterr().out
+    assert "ed25519_key_id" in shown and "data_key_id" in shown
+    assert oct((out / "ed25519_private.pem").stat().st_mode & 0o777) == "0o600"
+    again = fedvault("keys", "init", "--role", "client", "--name", "c0", "--out", str(out))
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert again.stderr.strip().count("\n") == 0 and "Traceback" not in again.stderr
+    assert main(["keys", "show", str(out)]) == 0
+
+
+def test_data_encrypt_decrypt_round_trip_and_wrong_key(tmp_path):
+    main(["keys", "init", "--role", "client", "--name", "a", "--out", str(tmp_path / "a")])
+    main(["keys", "init", "--role", "client", "--name", "b", "--out", str(tmp_path / "b")])
+    plain = tmp_path / "data.csv"
+    plain.write_bytes(b"label,text\n" * 5000)
+    enc, back = tmp_path / "data.fvd", tmp_path / "back.csv"
+    assert main(["data", "encrypt", str(plain), str(enc), "--key", str(tmp_path / "a")]) == 0
+    assert b"label,text" not in enc.read_bytes()
+    assert main(["data", "decrypt", str(enc), str(back), "--key", str(tmp_path / "a")]) == 0
+    assert back.read_bytes() == plain.read_bytes()
+    wrong = fedvault("data", "decrypt", str(enc), str(tmp_path / "x"), "--key", str(tmp_path / "b"))
+    assert wrong.returncode == 2 and "key id" in wrong.stderr and not (tmp_path / "x").exists()
+    enc.write_bytes(enc.read_bytes()[:-7])  # truncated
+    cut = fedvault("data", "decrypt", str(enc), str(tmp_path / "y"), "--key", str(tmp_path / "a"))
+    assert cut.returncode == 2 and "Traceback" not in cut.stderr and not (tmp_path / "y").exists()
+
+
+def test_keys_federation_and_data_prepare(tmp_path):
+    keys = tmp_path / "keys"
+    assert main(["keys", "federation", "--out", str(keys), "--clients", "2"]) == 0
+    assert sorted(p.name for p in keys.iterdir()) == ["client-0", "client-1", "server"]
+    out = tmp_path / "enc"
+    assert main(["data", "prepare", "--dataset", "digits", "--clients", "2", "--keys", str(keys),
+                 "--out", str(out)]) == 0  # fmt: skip
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_partitions"] == 2 and set(manifest["data_key_ids"]) == {"0", "1"}
+
+
+@pytest.mark.parametrize("args", [["evaluate", "/no/such/run"], ["predict", "/no/such/run", "x"]])
+def test_missing_run_dir_is_one_line(args):
+    proc = fedvault(*args)
+    assert proc.returncode == 2 and "/no/such/run" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
