@@ -16,11 +16,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client import persistence
 from client.keyring import own_identity
 from client.sealing_mod import sealing_mod
 from client.training import DPSettings, train_local
 from common import protocol as P
 from common.config import RunConfig
+from common.crypto import Identity
 from common.data import Partition, encrypted, load_partition
 from common.evaluation import evaluate
 from common.federation_keys import load_own
@@ -97,7 +99,7 @@ def train(msg: Message, context: Context) -> Message:
             )
         epsilon_before = account.spent()
         account.record(steps_taken)
-        context.state[STATE_KEY] = ConfigRecord({"account": account.to_json()})
+        _save_account(cfg, context, pid, account)
         metrics |= {
             P.EPSILON: epsilon_after,
             P.ROUND_EPSILON: epsilon_after - epsilon_before,
@@ -188,10 +190,34 @@ def _model(cfg: RunConfig, data: Partition, msg: Message) -> torch.nn.Module:
     return model
 
 
+def _state_identity(cfg: RunConfig, context: Context, pid: int) -> Identity | None:
+    """The key that encrypts the on-disk state, when this client has one."""
+    if not (context.node_config.get("key-dir") or cfg.keys_dir):
+        return None
+    return own_identity(cfg, context, pid, "state-dir")
+
+
+def _save_account(cfg: RunConfig, context: Context, pid: int, account: PrivacyAccount) -> None:
+    """Keep the account in ``context.state`` and, with ``state-dir``, on disk."""
+    context.state[STATE_KEY] = ConfigRecord({"account": account.to_json()})
+    if state_dir := context.node_config.get("state-dir"):
+        path = persistence.state_path(str(state_dir), context.run_id)
+        persistence.save(path, {"account": account.to_json()}, _state_identity(cfg, context, pid))
+
+
 def _privacy_account(cfg: RunConfig, context: Context, num_examples: int) -> PrivacyAccount:
-    """This node's account: restored from ``context.state``, or created (σ calibrated once)."""
+    """This node's account: from ``context.state``, from ``state-dir`` after a restart, or
+    new (σ calibrated once)."""
     if STATE_KEY in context.state:
         return PrivacyAccount.from_json(str(context.state[STATE_KEY]["account"]))
+    if state_dir := context.node_config.get("state-dir"):
+        pid = int(context.node_config["partition-id"])
+        path = persistence.state_path(str(state_dir), context.run_id)
+        saved = persistence.load(path, _state_identity(cfg, context, pid))
+        if saved is not None:
+            account = PrivacyAccount.from_json(saved["account"])
+            log.info("restored privacy state from %s: ε spent %.4f", path, account.spent())
+            return account
     q = sample_rate_for(num_examples, cfg.batch_size)
     planned_steps = (
         cfg.num_server_rounds * cfg.local_epochs * steps_per_epoch(num_examples, cfg.batch_size)

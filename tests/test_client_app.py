@@ -84,3 +84,28 @@ def test_malformed_config_fails_naming_the_key_and_the_fix():
     model = build_model("lenet5", 10)
     with pytest.raises(ConfigError, match=r"'batch-size' has value 'big'.*--set batch-size="):
         app(_message(model, 1), _context({"batch-size": "big"}))
+
+
+def test_restarted_client_continues_its_epsilon_from_disk(tmp_path):
+    """A new process (fresh Context, empty state) resumes the accountant history from
+    state-dir: ε continues instead of restarting at zero."""
+    from common.federation_keys import provision
+
+    keys = provision(tmp_path / "keys", 1)
+    config = {**RUN_CONFIG, "num-server-rounds": 3, "keys-dir": str(keys)}
+    node_config = {"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "st")}
+    model = build_model("lenet5", 10)
+
+    def fresh_context():
+        return Context(run_id=9, node_id=7, node_config=node_config, state=RecordDict(),
+                       run_config=dict(config))  # fmt: skip
+
+    first = dict(app(_message(model, 1), fresh_context()).content[P.METRICS])
+    state_file = tmp_path / "st" / "run-9.state"
+    assert state_file.read_bytes()[:4] == b"FVD1"  # encrypted at rest
+    after_restart = dict(app(_message(model, 2), fresh_context()).content[P.METRICS])
+    sigma, q, steps = first[P.NOISE_MULTIPLIER], first[P.SAMPLE_RATE], first[P.STEPS]
+    assert after_restart[P.EPSILON] == pytest.approx(
+        epsilon_of([(sigma, q, 2 * steps)], 1e-5, "prv")
+    )
+    assert after_restart[P.EPSILON] > first[P.EPSILON]

@@ -1,0 +1,1 @@
+"""fedvault benchmarks: numbers, never pass/fail. Run ``python -m benchmarks [SUITE ...]``."""
