@@ -35,11 +35,13 @@ from common.privacy.accounting import (
     sample_rate_for,
     steps_per_epoch,
 )
+from common.privacy.ledger import ClientLedger
 
 log = logging.getLogger("fedvault.client")
 app = ClientApp(mods=[sealing_mod])
 
 STATE_KEY = "fedvault-privacy"
+LEDGER_KEY = "fedvault-ledger"
 
 
 @app.query()
@@ -75,6 +77,7 @@ def train(msg: Message, context: Context) -> Message:
             account.noise_multiplier, cfg.max_grad_norm, cfg.accountant, cfg.grad_sample_mode
         )
 
+    records: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {}
     started = time.perf_counter()
     result = train_local(
         model,
@@ -99,7 +102,15 @@ def train(msg: Message, context: Context) -> Message:
             )
         epsilon_before = account.spent()
         account.record(steps_taken)
-        _save_account(cfg, context, pid, account)
+        ledger = _ledger(context, pid)
+        entry = ledger.append(
+            round=server_round, num_examples=result.num_examples, sample_rate=q,
+            steps=steps_taken, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm,
+            delta=cfg.target_delta, accountant=cfg.accountant, epsilon_cumulative=epsilon_after,
+            epsilon_budget=cfg.target_epsilon, signer=_state_identity(cfg, context, pid),
+        )  # fmt: skip
+        _save_state(cfg, context, pid, account, ledger)
+        records[P.LEDGER] = ConfigRecord({"entry": entry.to_json_line()})
         metrics |= {
             P.EPSILON: epsilon_after,
             P.ROUND_EPSILON: epsilon_after - epsilon_before,
@@ -114,10 +125,9 @@ def train(msg: Message, context: Context) -> Message:
             pid, server_round, steps_taken, sigma, q, epsilon_before, epsilon_after,
             cfg.target_epsilon,
         )
-    content = RecordDict(
-        {P.ARRAYS: ArrayRecord(model.state_dict()), P.METRICS: MetricRecord(metrics)}
-    )
-    return Message(content, reply_to=msg)
+    records[P.ARRAYS] = ArrayRecord(model.state_dict())
+    records[P.METRICS] = MetricRecord(metrics)
+    return Message(RecordDict(records), reply_to=msg)
 
 
 @app.evaluate()
@@ -197,12 +207,23 @@ def _state_identity(cfg: RunConfig, context: Context, pid: int) -> Identity | No
     return own_identity(cfg, context, pid, "state-dir")
 
 
-def _save_account(cfg: RunConfig, context: Context, pid: int, account: PrivacyAccount) -> None:
-    """Keep the account in ``context.state`` and, with ``state-dir``, on disk."""
+def _ledger(context: Context, pid: int) -> ClientLedger:
+    """This client's hash chain for the run (restored with the account, see below)."""
+    if LEDGER_KEY in context.state:
+        return ClientLedger.from_json(str(context.state[LEDGER_KEY]["ledger"]))
+    return ClientLedger(str(context.run_id), pid, str(context.node_id))
+
+
+def _save_state(
+    cfg: RunConfig, context: Context, pid: int, account: PrivacyAccount, ledger: ClientLedger
+) -> None:
+    """Keep account and ledger in ``context.state`` and, with ``state-dir``, on disk."""
     context.state[STATE_KEY] = ConfigRecord({"account": account.to_json()})
+    context.state[LEDGER_KEY] = ConfigRecord({"ledger": ledger.to_json()})
     if state_dir := context.node_config.get("state-dir"):
         path = persistence.state_path(str(state_dir), context.run_id)
-        persistence.save(path, {"account": account.to_json()}, _state_identity(cfg, context, pid))
+        state = {"account": account.to_json(), "ledger": ledger.to_json()}
+        persistence.save(path, state, _state_identity(cfg, context, pid))
 
 
 def _privacy_account(cfg: RunConfig, context: Context, num_examples: int) -> PrivacyAccount:
@@ -216,6 +237,8 @@ def _privacy_account(cfg: RunConfig, context: Context, num_examples: int) -> Pri
         saved = persistence.load(path, _state_identity(cfg, context, pid))
         if saved is not None:
             account = PrivacyAccount.from_json(saved["account"])
+            if "ledger" in saved:
+                context.state[LEDGER_KEY] = ConfigRecord({"ledger": saved["ledger"]})
             log.info("restored privacy state from %s: ε spent %.4f", path, account.spent())
             return account
     q = sample_rate_for(num_examples, cfg.batch_size)

@@ -267,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help="image files, or texts / text files (one a line)")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
+
+    from common.report.cli import add_commands
+
+    add_commands(sub)  # `fedvault report` and `fedvault audit`
     return parser
 
 

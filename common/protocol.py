@@ -9,6 +9,7 @@ ARRAYS = "arrays"  # ArrayRecord: model weights (FedAvg's default key)
 CONFIG = "config"  # ConfigRecord: per-round instructions (FedAvg's default key)
 METRICS = "metrics"  # MetricRecord: what a client reports with its update
 NODE_INFO = "node-info"  # ConfigRecord: reply to the partition-discovery query
+LEDGER = "ledger"  # ConfigRecord {"entry": one ledger.jsonl line}: this round's privacy expense
 
 # Train metrics. FedAvg weights by NUM_EXAMPLES.
 NUM_EXAMPLES = "num-examples"

@@ -6,6 +6,7 @@ Writes into ``<output-dir>/<run-id>/``: ``metrics.json`` (after every round) and
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from common.data import load_raw_cached, load_test_set
 from common.logs import configure_logging
 from common.metrics import evaluate_with_metrics
 from common.models import build_model, count_parameters
+from common.report import write_report
 from server.run_record import RunRecord
 from server.sealing import ServerSealer
 from server.strategy import RecordingFedAvg
@@ -100,6 +102,9 @@ def main(grid: Grid, context: Context) -> None:
     torch.save(result.arrays.to_torch_state_dict(), run_dir / "model.pt")
     record.summary["wall_seconds"] = time.time() - started
     record.write()
+    _publish_client_keys(cfg, run_dir)
+    paths = write_report(run_dir)
+    log.info("privacy report: %s", paths["html"])
     log.info("run %s finished in %.1fs: %s", context.run_id, time.time() - started, run_dir)
 
 
@@ -117,3 +122,16 @@ def _sealer(cfg: RunConfig, run_id: int, partition_of: dict[int, int]) -> Server
         federation_keys.describe(identity), len(clients),
     )
     return ServerSealer(run_id, identity, clients, lambda node: partition_of.get(node, -1))
+
+
+def _publish_client_keys(cfg: RunConfig, run_dir: Path) -> None:
+    """Copy clients' public keys next to the ledger so ``fedvault audit`` can check signatures.
+
+    An auditor who does not trust the server passes keys obtained from the clients instead.
+    """
+    if not cfg.keys_dir:
+        return
+    keys_out = run_dir / "keys"
+    keys_out.mkdir(exist_ok=True)
+    for pid, public in federation_keys.client_publics(Path(cfg.keys_dir)).items():
+        (keys_out / f"client-{pid}.json").write_text(json.dumps(public.to_dict(), indent=2))

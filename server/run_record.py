@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common import protocol as P
+from common.privacy.ledger import LedgerEntry, append_ledger
 
 DETAILED_METRICS = (
     "precision_macro",
@@ -91,6 +92,7 @@ class RunRecord:
         self.rounds: dict[int, RoundRecord] = {}
         self.initial: dict[str, float] | None = None
         self.epsilon_by_partition: dict[int, float] = {}
+        self.pending_ledger: list[LedgerEntry] = []
 
     def start_round(self, server_round: int, sampled: list[int]) -> None:
         self.rounds[server_round] = RoundRecord(server_round, sampled, time.time())
@@ -104,6 +106,9 @@ class RunRecord:
         self._round(server_round).clients.append(client)
         if client.epsilon is not None:
             self.epsilon_by_partition[client.partition_id] = client.epsilon
+
+    def add_ledger_entry(self, entry: LedgerEntry) -> None:
+        self.pending_ledger.append(entry)
 
     def add_failure(self, server_round: int, partition: int, reason: str, refused: bool) -> None:
         self._round(server_round).failures.append(
@@ -125,6 +130,10 @@ class RunRecord:
         rec.max_epsilon = max(self.epsilon_by_partition.values(), default=None)
         rec.duration_s = time.time() - rec.started_at
         rec.clients.sort(key=lambda c: c.partition_id)
+        if self.pending_ledger:  # appended (and fsynced) once per round, as received
+            entries = sorted(self.pending_ledger, key=lambda e: e.partition_id)
+            append_ledger(self.run_dir / "ledger.jsonl", entries)
+            self.pending_ledger = []
         self.write()
         return rec
 

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common import protocol as P
+from common.privacy.ledger import LedgerEntry, LedgerError
 from server.run_record import ClientRound, RunRecord
 from server.sealing import ServerSealer
 
@@ -133,7 +134,22 @@ class RecordingFedAvg(FedAvg):
             else:
                 metrics = dict(msg.content[P.METRICS])
                 self.record.add_client(server_round, ClientRound.from_metrics(partition, metrics))
+                if P.LEDGER in msg.content:
+                    self._ledger_entry(server_round, partition, msg.content[P.LEDGER]["entry"])
         return super().aggregate_train(server_round, replies)
+
+    def _ledger_entry(self, server_round: int, partition: int, line: object) -> None:
+        """Keep the client's signed ledger entry as sent; the audit judges it."""
+        try:
+            entry = LedgerEntry.from_json_line(str(line))
+        except (ValueError, LedgerError) as err:
+            log.warning("round %d: partition %d sent a malformed ledger entry: %s",
+                        server_round, partition, err)  # fmt: skip
+            return
+        if (entry.round, entry.partition_id) != (server_round, partition):
+            log.warning("round %d: partition %d sent a ledger entry for round %d, partition %d",
+                        server_round, partition, entry.round, entry.partition_id)  # fmt: skip
+        self.record.add_ledger_entry(entry)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]

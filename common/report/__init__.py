@@ -1,0 +1,20 @@
+"""Privacy-budget reports and audits of a run directory.
+
+Modules, one job each:
+
+* :mod:`.rundata`     -- read metrics.json and ledger.jsonl from a run directory
+* :mod:`.recompute`   -- ε from raw mechanism parameters (Opacus RDP/PRV), cached, fast
+* :mod:`.keys`        -- clients' public signing keys (and which partition each belongs to)
+* :mod:`.checks`      -- mechanism warnings (δ ≥ 1/n, no subsampling, tiny batches)
+* :mod:`.audit`       -- ``audit_run``: verify hashes, signatures and every ε claim
+* :mod:`.content`     -- the report as data (= report.json)
+* :mod:`.plots`       -- inline SVG plots
+* :mod:`.render_html` / :mod:`.render_md` -- the two human-readable renderings
+* :mod:`.build`       -- ``write_report``: all three files
+* :mod:`.cli`         -- ``fedvault report`` / ``fedvault audit`` sub-commands
+"""
+
+from common.report.audit import AuditResult, audit_run
+from common.report.build import write_report
+
+__all__ = ["AuditResult", "audit_run", "write_report"]
