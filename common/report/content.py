@@ -46,7 +46,14 @@ def build_report(data: RunData, audit: AuditResult | None) -> dict[str, Any]:
         "mechanisms": mechanisms,
         "warnings": [f.to_dict() for f in warnings],
         "audit": _audit_section(data, audit),
+        "final_metrics": _final_metrics(data),
     }
+
+
+def _final_metrics(data: RunData) -> dict[str, Any] | None:
+    """The final model's detailed test metrics (per class, confusion matrix), if recorded."""
+    evaluated = [r for r in data.rounds if r.get("test_metrics")]
+    return evaluated[-1]["test_metrics"] if evaluated else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,6 +154,7 @@ def _rounds(data: RunData, ledger: dict[int, list[LedgerEntry]]) -> list[dict[st
                 "round": r,
                 "test_accuracy": rec.get("test_accuracy"),
                 "test_loss": rec.get("test_loss"),
+                "test_f1_macro": rec.get("test_f1_macro"),
                 "max_epsilon": max(latest.values()) if latest else rec.get("max_epsilon"),
                 "sampled": len(rec.get("sampled") or []),
                 "trained": len(rec.get("clients") or []),
@@ -219,6 +227,10 @@ def _summary(
         "initial_test_accuracy": initial.get("test_accuracy"),
         "final_test_accuracy": final.get("test_accuracy", accuracy[-1] if accuracy else None),
         "final_test_loss": final.get("test_loss"),
+        "final_test_f1_macro": final.get("test_f1_macro"),
+        "final_test_roc_auc": final.get("test_roc_auc"),
+        "trainable_parameters": summary.get("trainable_parameters"),
+        "update_bytes": summary.get("update_bytes"),
         "dp": data.dp,
         "target_epsilon": dp_value("target-epsilon"),
         "target_delta": dp_value("target-delta"),

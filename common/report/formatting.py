@@ -65,6 +65,10 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
                    f"{num(summary.get('rounds_planned'))} planned"),
         ("initial test accuracy", pct(summary.get("initial_test_accuracy"))),
         ("final test accuracy", pct(summary.get("final_test_accuracy"))),
+        ("final macro F1", num(_round4(summary.get("final_test_f1_macro")))),
+        ("final ROC AUC", num(_round4(summary.get("final_test_roc_auc")))),
+        ("trainable parameters", num(summary.get("trainable_parameters"))),
+        ("update size", f"{num(summary.get('update_bytes'))} bytes"),
         ("differential privacy", "DP-SGD per client" if dp else "disabled (dp = false)"),
     ]  # fmt: skip
     if dp:
@@ -122,3 +126,7 @@ def mechanism_cells(row: dict[str, Any]) -> list[str]:
         num(row.get("expected_batch"), 3),
         num(row.get("accountant")),
     ]
+
+
+def _round4(value: Any) -> Any:
+    return round(value, 4) if isinstance(value, float) else value

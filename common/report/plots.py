@@ -104,8 +104,10 @@ def epsilon_plot(
         return figure_html(fig, "epsilon-per-client")
 
 
-def accuracy_plot(points: Sequence[tuple[int, float]]) -> str:
-    """Central test accuracy across rounds (round 0 = the initial model)."""
+def accuracy_plot(
+    points: Sequence[tuple[int, float]], f1_points: Sequence[tuple[int, float]] = ()
+) -> str:
+    """Central test accuracy (and macro F1, which imbalanced data needs) across rounds."""
     import matplotlib
 
     with matplotlib.rc_context(RC):
@@ -113,13 +115,39 @@ def accuracy_plot(points: Sequence[tuple[int, float]]) -> str:
         ax = fig.add_subplot()
         if points:
             rounds, acc = zip(*points, strict=True)
-            ax.plot(rounds, acc, marker="o", markersize=3, color="#2c7fb8")
+            ax.plot(rounds, acc, marker="o", markersize=3, color="#2c7fb8", label="accuracy")
+        if f1_points:
+            rounds, f1 = zip(*f1_points, strict=True)
+            ax.plot(rounds, f1, marker="s", markersize=3, color="#d95f02", label="macro F1")
+            ax.legend(fontsize=7, loc="lower right")
         ax.set_xlabel("round")
         _integer_rounds(ax)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel("test accuracy / macro F1")
         ax.set_ylim(0, 1)
-        ax.set_title("test accuracy across rounds")
+        ax.set_title("test accuracy and macro F1 across rounds")
         return figure_html(fig, "accuracy")
+
+
+def confusion_matrix_plot(matrix: Sequence[Sequence[int]], classes: Sequence[str]) -> str:
+    """The final model's confusion matrix on the test split (rows: true class)."""
+    import matplotlib
+
+    with matplotlib.rc_context(RC):
+        n = len(matrix)
+        fig = _figure(width=min(2.0 + 0.45 * n, 7.0), height=min(1.6 + 0.45 * n, 6.5))
+        ax = fig.add_subplot()
+        ax.imshow(matrix, cmap="Blues")
+        top = max((max(row) for row in matrix), default=0)
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                color = "white" if value > top / 2 else "black"
+                ax.text(j, i, str(value), ha="center", va="center", fontsize=6, color=color)
+        ax.set_xticks(range(n), [str(c) for c in classes], rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(n), [str(c) for c in classes], fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title("confusion matrix, final model")
+        return figure_html(fig, "confusion-matrix")
 
 
 def accuracy_vs_epsilon_plot(points: Sequence[tuple[float, float, int]]) -> str:

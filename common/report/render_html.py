@@ -137,7 +137,13 @@ def _plots(report: dict[str, Any]) -> str:
                     if r["test_accuracy"] is not None]  # fmt: skip
         if summary.get("initial_test_accuracy") is not None:
             accuracy.insert(0, (0, summary["initial_test_accuracy"]))
-        figures.append(plots.accuracy_plot(accuracy))
+        f1 = [(r["round"], r["test_f1_macro"]) for r in rounds
+              if r.get("test_f1_macro") is not None]  # fmt: skip
+        figures.append(plots.accuracy_plot(accuracy, f1))
+        final = report.get("final_metrics")
+        if final and final.get("confusion_matrix"):
+            figures.append(plots.confusion_matrix_plot(final["confusion_matrix"],
+                                                       final.get("classes") or []))  # fmt: skip
         if summary.get("dp"):
             trade = [
                 (r["max_epsilon"], r["test_accuracy"], r["round"])
