@@ -27,7 +27,7 @@ from common.data import Partition, encrypted, load_partition
 from common.evaluation import evaluate
 from common.federation_keys import load_own
 from common.logs import configure_logging
-from common.models import build_model
+from common.models import model_for
 from common.privacy.accounting import (
     PrivacyAccount,
     PrivacyBudgetExceeded,
@@ -189,13 +189,7 @@ def _encrypted_partition(
 
 def _model(cfg: RunConfig, data: Partition, msg: Message) -> torch.nn.Module:
     """A fresh model per round (Opacus cannot wrap a model twice) holding the global weights."""
-    model = build_model(
-        cfg.model,
-        data.num_classes,
-        num_features=cfg.text_features,
-        activation=cfg.activation,
-        hidden=cfg.text_hidden,
-    )
+    model = model_for(cfg, data.num_classes)
     model.load_state_dict(msg.content[P.ARRAYS].to_torch_state_dict())
     return model
 

@@ -25,7 +25,7 @@ from common.config import ConfigError, RunConfig
 from common.data import load_raw_cached, load_test_set
 from common.data.features import image_features, text_features
 from common.metrics import EVAL_BATCH_SIZE, evaluate_with_metrics
-from common.models import build_model
+from common.models import model_for
 
 log = logging.getLogger("fedvault.inference")
 
@@ -121,13 +121,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
             f"{model_path} not found: the run did not finish (model.pt is written after the "
             "last round); re-run it or pass a finished run's directory"
         )
-    model = build_model(
-        config.model,
-        len(classes),
-        num_features=config.text_features,
-        activation=config.activation,
-        hidden=config.text_hidden,
-    )
+    model = model_for(config, len(classes))
     try:
         state = torch.load(model_path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)

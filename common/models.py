@@ -9,8 +9,13 @@ term-frequency features and a linear or MLP head instead.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from common.config import RunConfig
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 MODEL_NAMES = ("lenet5", "text-linear", "text-mlp")
@@ -99,6 +104,17 @@ def build_model(
     if name == "text-mlp":
         return TextMLP(num_features, num_classes, hidden, activation)
     raise ValueError(f"unknown model {name!r}: set model to one of {list(MODEL_NAMES)}")
+
+
+def model_for(config: RunConfig, num_classes: int) -> nn.Module:
+    """The run's model (``model``, ``activation``, ``text-*`` keys), freshly initialised."""
+    return build_model(
+        config.model,
+        num_classes,
+        num_features=config.text_features,
+        activation=config.activation,
+        hidden=config.text_hidden,
+    )
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -20,7 +20,7 @@ from common.config import ConfigError, RunConfig
 from common.data import load_raw_cached, load_test_set
 from common.logs import configure_logging
 from common.metrics import evaluate_with_metrics
-from common.models import build_model, count_parameters
+from common.models import count_parameters, model_for
 from common.report import write_report
 from server.run_record import RunRecord
 from server.sealing import ServerSealer
@@ -42,13 +42,7 @@ def main(grid: Grid, context: Context) -> None:
     raw = load_raw_cached(cfg.dataset, cfg.data_dir, cfg.seed)
     test_set = load_test_set(cfg.dataset, cfg.data_dir, cfg.seed, cfg.text_features)
     torch.manual_seed(cfg.seed)  # the initial global model is reproducible (and public)
-    model = build_model(
-        cfg.model,
-        raw.num_classes,
-        num_features=cfg.text_features,
-        activation=cfg.activation,
-        hidden=cfg.text_hidden,
-    )
+    model = model_for(cfg, raw.num_classes)
     initial = ArrayRecord(model.state_dict())
     record = RunRecord(
         run_dir,
