@@ -161,10 +161,12 @@ def _partition_ids(context: Context) -> tuple[int, int]:
 
 def _partition(cfg: RunConfig, context: Context) -> Partition:
     pid, num = _partition_ids(context)
-    if cfg.encrypted_data_dir:
+    # node config wins: in deployment each client keeps its data at its own path
+    encrypted_dir = context.node_config.get("encrypted-data-dir") or cfg.encrypted_data_dir
+    if encrypted_dir:
         identity = own_identity(cfg, context, pid, "encrypted-data-dir")
         return _encrypted_partition(
-            cfg.encrypted_data_dir, pid, str(identity.directory), cfg.text_features
+            str(encrypted_dir), pid, str(identity.directory), cfg.text_features
         )
     return load_partition(
         cfg.dataset,

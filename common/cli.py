@@ -136,7 +136,20 @@ def cmd_data_decrypt(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from common.data.encrypted import prepare
+    from common.data.encrypted import prepare, write_partition
+
+    if args.partition is not None:  # a deployed client: only its own key dir
+        if not args.key:
+            raise ConfigError("--partition needs --key (this client's identity dir)")
+        target = write_partition(
+            Path(args.out), _data_identity(args), args.partition, args.clients,
+            dataset=args.dataset, data_dir=args.data_dir or "", seed=args.seed,
+            partitioning=args.partitioning, alpha=args.dirichlet_alpha,
+        )  # fmt: skip
+        print(f"partition {args.partition} of {args.clients} encrypted to {target}")
+        return 0
+    if not args.keys:
+        raise ConfigError("data prepare needs --keys DIR (all clients) or --partition I --key DIR")
 
     out = prepare(
         Path(args.out), keys_dir=Path(args.keys), dataset=args.dataset,
@@ -185,6 +198,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{p.label}\t{p.probability:.4f}\t{p.input}")
         failed += p.error is not None
     return 1 if failed else 0
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from common.provision import describe, provision_federation
+
+    fed = provision_federation(
+        Path(args.out), args.superlink_host, args.clients, port=args.port,
+        extra_hosts=tuple(args.extra_host), force=args.force,
+    )  # fmt: skip
+    print(describe(fed))
+    return 0
 
 
 def cmd_scenarios(_args: argparse.Namespace) -> int:
@@ -248,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--dataset", default="digits")
     prep.add_argument("--data-dir", default="")
     prep.add_argument("--clients", type=int, required=True)
-    prep.add_argument("--keys", required=True, help="keys dir with client-<i>/ (keys federation)")
+    prep.add_argument("--keys", help="keys dir with client-<i>/ (keys federation): all clients")
+    prep.add_argument("--partition", type=int, help="only this client's partition (deployment)")
+    prep.add_argument("--key", help="with --partition: this client's identity dir")
+    prep.add_argument("--passphrase", action="store_true")
     prep.add_argument("--out", required=True)
     prep.add_argument("--seed", type=int, default=42)
     prep.add_argument("--partitioning", choices=["iid", "dirichlet"], default="iid")
@@ -267,6 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("inputs", nargs="+", help="image files, or texts / text files (one a line)")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
+
+    prov = sub.add_parser("provision", help="CA, TLS and keys for a deployed federation")
+    prov.add_argument("--out", required=True, help="federation dir to create")
+    prov.add_argument("--superlink-host", required=True, help="name or IP SuperNodes dial")
+    prov.add_argument("--clients", type=int, required=True)
+    prov.add_argument("--port", type=int, default=8000, help="SuperLink port (default 8000)")
+    prov.add_argument("--extra-host", action="append", default=[], help="another SAN")
+    prov.add_argument("--force", action="store_true", help="replace an existing federation")
+    prov.set_defaults(func=cmd_provision)
 
     from common.report.cli import add_commands
 
@@ -293,10 +329,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _is_user_error(err: Exception) -> bool:
     from common.crypto import CryptoError
     from common.data.sources import DataError
+    from common.deploy import DeployError
     from common.inference import InferenceError
     from common.simulate import SimulationError
 
-    return isinstance(err, (*USER_ERRORS, DataError, SimulationError, CryptoError, InferenceError))
+    errors = (DataError, SimulationError, CryptoError, InferenceError, DeployError)
+    return isinstance(err, (*USER_ERRORS, *errors))
 
 
 if __name__ == "__main__":

@@ -47,15 +47,13 @@ def prepare(
     alpha: float = 0.5,
 ) -> Path:
     """Write every client's partition encrypted for that client (keys: ``keys_dir/client-<i>``)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     key_ids = {}
     for pid in tqdm(range(num_partitions), desc="encrypting partitions", unit="client"):
         identity = load_identity(client_dir(keys_dir, pid))
-        share = raw_partition(dataset, data_dir, seed, pid, num_partitions, partitioning, alpha)
-        buffer = io.BytesIO()
-        torch.save(share, buffer)
-        blob = encrypt_bytes(buffer.getvalue(), _data_key(identity), identity.ids.data)
-        partition_file(out_dir, pid).write_bytes(blob)
+        write_partition(
+            out_dir, identity, pid, num_partitions, dataset=dataset, data_dir=data_dir,
+            seed=seed, partitioning=partitioning, alpha=alpha,
+        )  # fmt: skip
         key_ids[str(pid)] = identity.ids.data
     manifest = {
         "format": "fedvault-encrypted-partitions",
@@ -70,6 +68,31 @@ def prepare(
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     log.info("wrote %d encrypted partitions of %s to %s", num_partitions, dataset, out_dir)
     return out_dir
+
+
+def write_partition(
+    out_dir: Path,
+    identity: Identity,
+    partition_id: int,
+    num_partitions: int,
+    *,
+    dataset: str,
+    data_dir: str = "",
+    seed: int = 42,
+    partitioning: str = "iid",
+    alpha: float = 0.5,
+) -> Path:
+    """Encrypt one client's share under that client's data key (all a deployed client needs:
+    its own key dir, not everyone's)."""
+    share = raw_partition(
+        dataset, data_dir, seed, partition_id, num_partitions, partitioning, alpha
+    )
+    buffer = io.BytesIO()
+    torch.save(share, buffer)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = partition_file(out_dir, partition_id)
+    target.write_bytes(encrypt_bytes(buffer.getvalue(), _data_key(identity), identity.ids.data))
+    return target
 
 
 def load(data_dir: Path, partition_id: int, identity: Identity, num_features: int) -> Partition:
