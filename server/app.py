@@ -90,6 +90,7 @@ def main(grid: Grid, context: Context) -> None:
         grid=grid,
         initial_arrays=initial,
         num_rounds=cfg.num_server_rounds,
+        timeout=cfg.round_timeout,
         train_config=ConfigRecord({"dp": cfg.dp}),
         evaluate_fn=central_evaluation,
     )

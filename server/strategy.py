@@ -121,6 +121,8 @@ class RecordingFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._record_dropped(server_round, replies)
         replies = self._open(server_round, replies)
         for msg in replies:
             partition = self.partition_of.get(msg.metadata.src_node_id, -1)
@@ -137,6 +139,15 @@ class RecordingFedAvg(FedAvg):
                 if P.LEDGER in msg.content:
                     self._ledger_entry(server_round, partition, msg.content[P.LEDGER]["entry"])
         return super().aggregate_train(server_round, replies)
+
+    def _record_dropped(self, server_round: int, replies: list[Message]) -> None:
+        """Sampled clients that sent nothing back before the round timed out (node died)."""
+        answered = {self.partition_of.get(m.metadata.src_node_id, -1) for m in replies}
+        record = self.record.rounds.get(server_round)
+        for partition in sorted(set(record.sampled if record else []) - answered):
+            reason = "no reply before round-timeout: the node dropped out of this round"
+            log.warning("round %d: partition %d: %s", server_round, partition, reason)
+            self.record.add_failure(server_round, partition, reason, refused=False)
 
     def _ledger_entry(self, server_round: int, partition: int, line: object) -> None:
         """Keep the client's signed ledger entry as sent; the audit judges it."""

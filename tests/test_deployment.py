@@ -128,6 +128,8 @@ def _run_config(work: Path, federation: Federation, enc: Path, rounds: int) -> d
         "keys-dir": str(federation.superlink.keys_dir),
         "encrypted-data-dir": str(enc),
         "output-dir": str(work / "runs"),
+        # a SuperNode stopped mid-round never answers: the round ends without it
+        "round-timeout": 90.0,
     }
 
 

@@ -112,3 +112,30 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+def test_every_run_has_a_report_whose_audit_passes(digits_run):
+    for name in ("report.html", "report.json", "report.md", "ledger.jsonl"):
+        assert (digits_run / name).is_file(), name
+    report = json.loads((digits_run / "report.json").read_text())
+    assert report["audit"]["verdict"] == "pass"
+    ledger = [json.loads(line) for line in (digits_run / "ledger.jsonl").read_text().splitlines()]
+    assert sorted((e["round"], e["partition_id"]) for e in ledger) == [
+        (r, p) for r in (1, 2) for p in (0, 1, 2)
+    ]
+    assert all(e["signature"] for e in ledger)  # signed by each client's key
+    audit = fedvault("audit", str(digits_run), check=False)
+    assert audit.returncode == 0 and "PASSED" in audit.stdout
+    # an under-reported ε in one line breaks the audit, naming the client and round
+    entries = [json.loads(line) for line in (digits_run / "ledger.jsonl").read_text().splitlines()]
+    entries[1]["epsilon_cumulative"] *= 0.5
+    tampered = digits_run.parent / "tampered"
+    tampered.mkdir()
+    for name in ("metrics.json", "keys"):
+        src = digits_run / name
+        (tampered / name).symlink_to(src, target_is_directory=src.is_dir())
+    (tampered / "ledger.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    failed = fedvault("audit", str(tampered), check=False)
+    assert failed.returncode == 1
+    who = f"client {entries[1]['partition_id']}, round {entries[1]['round']}"
+    assert who in failed.stdout, failed.stdout
