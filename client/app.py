@@ -96,10 +96,9 @@ def train(msg: Message, context: Context) -> Message:
     }
     if account is not None and result.mechanism is not None:
         sigma, q, steps_taken = result.mechanism
-        if (sigma, q, steps_taken) != (account.noise_multiplier, account.sample_rate, steps):
-            raise RuntimeError(
-                f"Opacus ran {result.mechanism}, planned {(account.noise_multiplier, account.sample_rate, steps)}"  # noqa: E501
-            )
+        planned = (account.noise_multiplier, account.sample_rate, steps)
+        if result.mechanism != planned:  # the ledger must say what was actually spent
+            raise RuntimeError(f"Opacus ran {result.mechanism}, but the plan was {planned}")
         epsilon_before = account.spent()
         account.record(steps_taken)
         ledger = _ledger(context, pid)
