@@ -1,0 +1,40 @@
+"""Every shipped scenario is valid and says what it shows."""
+
+import pytest
+
+from common import scenarios
+from common.config import ConfigError, RunConfig
+
+REQUIRED = {"digits-dp", "mnist-iid-dp", "mnist-dirichlet-dp", "mnist-nodp", "agnews-dp", "sms-dp"}
+
+
+def test_required_scenarios_ship():
+    assert set(scenarios.available()) >= REQUIRED
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+def test_scenario_is_valid_and_described(name):
+    scenario = scenarios.load(name)
+    config = RunConfig.from_mapping(scenario.run_config)
+    assert scenario.description.startswith(name)
+    assert scenario.num_supernodes >= config.min_train_nodes
+    if name == "mnist-iid-dp":
+        budget = (config.target_epsilon, config.target_delta)
+        assert budget == (3.0, 1e-5) and scenario.num_supernodes == 10
+    assert config.dp == (name != "mnist-nodp")
+
+
+def test_default_is_the_offline_digits_scenario():
+    assert scenarios.load(None).name == "digits-dp"
+    assert RunConfig.from_mapping(scenarios.load(None).run_config).dataset == "digits"
+
+
+def test_bad_scenario_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[run-config]\nbatch-size = "many"\n')
+    with pytest.raises(ConfigError, match="'batch-size' has value 'many'"):
+        scenarios.load(str(bad))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[run-config\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        scenarios.load(str(broken))
