@@ -25,7 +25,7 @@ from sklearn.metrics import (
 from torch import nn
 from torch.utils.data import TensorDataset
 
-EVAL_BATCH_SIZE = 1024
+from common.evaluation import EVAL_BATCH_SIZE, score
 
 __all__ = ["EVAL_BATCH_SIZE", "classification_metrics", "evaluate_with_metrics"]
 
@@ -147,27 +147,12 @@ def evaluate_with_metrics(
     :func:`common.evaluation.evaluate`) and ``num_examples``. The model's train/eval mode
     is restored afterwards.
     """
-    features, targets = dataset.tensors[0], dataset.tensors[1]
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    try:
-        total_loss = 0.0
-        probabilities: list[np.ndarray] = []
-        for start in range(0, len(targets), EVAL_BATCH_SIZE):
-            x = features[start : start + EVAL_BATCH_SIZE].to(device)
-            y = targets[start : start + EVAL_BATCH_SIZE].to(device)
-            logits = model(x)
-            total_loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            # float64 softmax: rows sum to 1 to the precision roc_auc_score checks, and the
-            # arg-max equals the logits' arg-max (accuracy identical to evaluate()).
-            probabilities.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
-    finally:
-        model.train(was_training)
+    loss, scores = score(model, dataset)
+    targets = dataset.tensors[1]
     n = len(targets)
-    scores = np.concatenate(probabilities) if probabilities else np.zeros((0, num_classes))
+    if not n:
+        scores = np.zeros((0, num_classes))
     result = classification_metrics(targets.cpu().numpy(), scores, num_classes, class_names)
-    result["loss"] = total_loss / max(n, 1)
+    result["loss"] = loss
     result["num_examples"] = n
     return result
