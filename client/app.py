@@ -99,7 +99,6 @@ def train(msg: Message, context: Context) -> Message:
         planned = (account.noise_multiplier, account.sample_rate, steps)
         if result.mechanism != planned:  # the ledger must say what was actually spent
             raise RuntimeError(f"Opacus ran {result.mechanism}, but the plan was {planned}")
-        epsilon_before = account.spent()
         account.record(steps_taken)
         ledger = _ledger(context, pid)
         entry = ledger.append(
@@ -112,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
         records[P.LEDGER] = ConfigRecord({"entry": entry.to_json_line()})
         metrics |= {
             P.EPSILON: epsilon_after,
-            P.ROUND_EPSILON: epsilon_after - epsilon_before,
+            P.ROUND_EPSILON: entry.epsilon_round,  # the ledger's increase of cumulative ε
             P.NOISE_MULTIPLIER: sigma,
             P.SAMPLE_RATE: q,
             P.STEPS: steps_taken,
@@ -121,7 +120,8 @@ def train(msg: Message, context: Context) -> Message:
         }
         log.info(
             "partition %d, round %d: %d steps, σ=%.4f, q=%.4f, ε %.4f → %.4f (budget %g)",
-            pid, server_round, steps_taken, sigma, q, epsilon_before, epsilon_after,
+            pid, server_round, steps_taken, sigma, q, epsilon_after - entry.epsilon_round,
+            epsilon_after,
             cfg.target_epsilon,
         )
     records[P.ARRAYS] = ArrayRecord(model.state_dict())
