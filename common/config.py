@@ -39,6 +39,7 @@ class RunConfig:
     fraction_train: float = 1.0
     min_train_nodes: int = 2
     round_timeout: float = 3600.0
+    reply_poll_interval: float = 0.2
     fraction_evaluate: float = 0.0
     dp: bool = True
     target_epsilon: float = 8.0
@@ -85,6 +86,7 @@ class RunConfig:
             (0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate must be in [0, 1]"),
             (self.min_train_nodes >= 1, "min-train-nodes must be ≥ 1"),
             (self.round_timeout > 0, "round-timeout must be > 0 seconds"),
+            (self.reply_poll_interval > 0, "reply-poll-interval must be > 0 seconds"),
             (self.partitioning in ("iid", "dirichlet"), "partitioning must be iid or dirichlet"),
             (self.dirichlet_alpha > 0, "dirichlet-alpha must be > 0"),
             (self.max_grad_norm > 0, "max-grad-norm must be > 0"),
