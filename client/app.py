@@ -131,7 +131,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Evaluate the global model on this node's slice of the test split."""
+    """Evaluate the global model on this node's slice of the test split.
+
+    Reports the handler's wall seconds (partition, model, scoring) as ``eval-seconds``, so
+    the server can tell client compute from waiting in its round timing."""
+    started = time.perf_counter()
     cfg = RunConfig.from_mapping(context.run_config)
     torch.set_num_threads(cfg.torch_threads)
     pid, _ = _partition_ids(context)
@@ -143,6 +147,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
             P.PARTITION_ID: pid,
             P.EVAL_LOSS: result.loss,
             P.EVAL_ACCURACY: result.accuracy,
+            P.EVAL_SECONDS: time.perf_counter() - started,
         }
     )
     return Message(RecordDict({P.METRICS: metrics}), reply_to=msg)

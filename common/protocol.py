@@ -27,6 +27,7 @@ TRAIN_SECONDS = "train-seconds"
 # Evaluate metrics.
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
+EVAL_SECONDS = "eval-seconds"  # wall seconds of the evaluate handler (data, model, scoring)
 
 # Error codes in error replies (Flower's own codes are small integers).
 PRIVACY_BUDGET_EXHAUSTED = 4001

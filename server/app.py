@@ -60,6 +60,7 @@ def main(grid: Grid, context: Context) -> None:
             "trainable_parameters": count_parameters(model),
             "update_bytes": initial.count_bytes(),
         },
+        started_at=started,
     )
     strategy = RecordingFedAvg(
         seed=cfg.seed,
@@ -72,11 +73,15 @@ def main(grid: Grid, context: Context) -> None:
     )
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        eval_started = time.perf_counter()
         model.load_state_dict(arrays.to_torch_state_dict())
         m = evaluate_with_metrics(model, test_set, raw.num_classes, list(raw.classes))
+        seconds = time.perf_counter() - eval_started
         if server_round == 0:
             record.initial = {"test_accuracy": m["accuracy"], "test_loss": m["loss"]}
+            record.summary["initial_eval_s"] = seconds  # part of startup_s
         else:
+            record.add_timing(server_round, central_eval_s=seconds)
             rec = record.finish_round(server_round, m)
             eps = "n/a (dp = false)" if rec.max_epsilon is None else f"{rec.max_epsilon:.3f}"
             log.info(

@@ -80,22 +80,39 @@ class RoundRecord:
     test_metrics: dict[str, Any] | None = None  # precision/recall/F1 (macro, per class), AUC, CM
     federated_evaluation: dict[str, float] | None = None
     duration_s: float | None = None
+    # Where the round's wall time went, seconds (see RunRecord.add_timing).
+    timing: dict[str, Any] = field(default_factory=dict)
 
 
 class RunRecord:
-    """Accumulates rounds and writes ``metrics.json`` into the run directory."""
+    """Accumulates rounds and writes ``metrics.json`` into the run directory.
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], summary: dict[str, Any]) -> None:
+    ``started_at`` (``time.time()`` when the ServerApp started) makes the first
+    :meth:`start_round` record ``summary.startup_s``: data loading, model, the round-0
+    evaluation, waiting for nodes and partition discovery.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict[str, Any],
+        summary: dict[str, Any],
+        started_at: float | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.config = config
         self.summary = summary
+        self.started_at = started_at
         self.rounds: dict[int, RoundRecord] = {}
         self.initial: dict[str, float] | None = None
         self.epsilon_by_partition: dict[int, float] = {}
         self.pending_ledger: list[LedgerEntry] = []
 
     def start_round(self, server_round: int, sampled: list[int]) -> None:
-        self.rounds[server_round] = RoundRecord(server_round, sampled, time.time())
+        now = time.time()
+        if self.started_at is not None and "startup_s" not in self.summary:
+            self.summary["startup_s"] = now - self.started_at
+        self.rounds[server_round] = RoundRecord(server_round, sampled, now)
 
     def _round(self, server_round: int) -> RoundRecord:
         if server_round not in self.rounds:  # no training this round (fraction-train = 0)
@@ -117,6 +134,15 @@ class RunRecord:
 
     def set_federated_evaluation(self, server_round: int, metrics: dict[str, float]) -> None:
         self._round(server_round).federated_evaluation = metrics
+
+    def add_timing(self, server_round: int, **seconds: Any) -> None:
+        """Merge into the round's ``timing``: ``train_phase_s`` (train messages built →
+        ``aggregate_train`` done), ``aggregate_s`` (inside ``aggregate_train``: opening
+        sealed replies, ledger, FedAvg), ``evaluate_phase_s`` (``configure_evaluate`` →
+        ``aggregate_evaluate`` done), ``central_eval_s`` (scoring the global model on the
+        server's test set), ``client_eval_s`` ({partition: seconds} of each client's
+        evaluate handler). Clients' training seconds are ``clients[].train_seconds``."""
+        self._round(server_round).timing.update(seconds)
 
     def finish_round(self, server_round: int, metrics: dict[str, Any]) -> RoundRecord:
         """Close a round with the central evaluation; max ε covers every client so far."""

@@ -5,6 +5,12 @@ per run, so the same seed would not pick the same clients twice. Here nodes are 
 mapped to the partition they hold (a QUERY message, answered by the ClientApp), then
 sampled by partition id with an RNG seeded from ``(seed, round)``. Aggregation itself is
 Flower's FedAvg, untouched; we only read the replies on the way in.
+
+Each round's ``timing`` in metrics.json is measured here (train and evaluate phases,
+aggregation) and in the ServerApp (central evaluation): a phase runs from the strategy
+building its messages, through Flower's ``send_and_receive``, to its aggregation being done.
+The train phase starts once the round's nodes are sampled, so waiting for the first nodes
+and partition discovery count as the run's start-up, not as round 1.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class RecordingFedAvg(FedAvg):
         self.record = record
         self.partition_of: dict[int, int] = {}  # node id → partition id
         self.sealer: ServerSealer | None = None  # set when encrypt-updates = true
+        self._phase_started: dict[tuple[str, int], float] = {}  # (phase, round) → perf_counter
 
     # -- sampling -----------------------------------------------------------------------
     def configure_train(
@@ -46,6 +53,7 @@ class RecordingFedAvg(FedAvg):
         if self.fraction_train == 0.0:
             return []
         nodes = self._sample(grid, server_round, self.fraction_train, self.min_train_nodes, "train")
+        self._phase_started["train", server_round] = time.perf_counter()
         self.record.start_round(server_round, [self.partition_of[n] for n in nodes])
         config["server-round"] = server_round
         content = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
@@ -55,6 +63,7 @@ class RecordingFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._phase_started["evaluate", server_round] = time.perf_counter()
         if self.fraction_evaluate == 0.0:
             return []
         nodes = self._sample(
@@ -121,6 +130,7 @@ class RecordingFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        started = time.perf_counter()
         replies = list(replies)
         self._record_dropped(server_round, replies)
         replies = self._open(server_round, replies)
@@ -138,7 +148,13 @@ class RecordingFedAvg(FedAvg):
                 self.record.add_client(server_round, ClientRound.from_metrics(partition, metrics))
                 if P.LEDGER in msg.content:
                     self._ledger_entry(server_round, partition, msg.content[P.LEDGER]["entry"])
-        return super().aggregate_train(server_round, replies)
+        aggregated = super().aggregate_train(server_round, replies)
+        done = time.perf_counter()
+        timing = {"aggregate_s": done - started}
+        if (phase_started := self._phase_started.pop(("train", server_round), None)) is not None:
+            timing["train_phase_s"] = done - phase_started
+        self.record.add_timing(server_round, **timing)
+        return aggregated
 
     def _record_dropped(self, server_round: int, replies: list[Message]) -> None:
         """Sampled clients that sent nothing back before the round timed out (node died)."""
@@ -165,7 +181,20 @@ class RecordingFedAvg(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        metrics = super().aggregate_evaluate(server_round, self._open(server_round, replies))
+        replies = self._open(server_round, replies)
+        client_eval_s: dict[int, float] = {}
+        for msg in replies:
+            if not msg.has_error() and P.METRICS in msg.content:
+                seconds = msg.content[P.METRICS].get(P.EVAL_SECONDS)
+                if seconds is not None:
+                    client_eval_s[self.partition_of.get(msg.metadata.src_node_id, -1)] = seconds
+        metrics = super().aggregate_evaluate(server_round, replies)
         if metrics is not None:
             self.record.set_federated_evaluation(server_round, dict(metrics))
+        timing: dict[str, object] = {
+            "client_eval_s": {str(p): float(client_eval_s[p]) for p in sorted(client_eval_s)}
+        }
+        if (phase_started := self._phase_started.pop(("evaluate", server_round), None)) is not None:
+            timing["evaluate_phase_s"] = time.perf_counter() - phase_started
+        self.record.add_timing(server_round, **timing)
         return metrics

@@ -74,6 +74,7 @@ def test_evaluate_and_query_handlers():
     evaluation = app(_message(model, 1, MessageType.EVALUATE), context)
     metrics = dict(evaluation.content[P.METRICS])
     assert 0.0 <= metrics[P.EVAL_ACCURACY] <= 1.0 and metrics[P.PARTITION_ID] == 2
+    assert 0.0 < metrics[P.EVAL_SECONDS] < 60.0
     query = Message(RecordDict(), dst_node_id=7, message_type=MessageType.QUERY)
     info = app(query, context).content[P.NODE_INFO]
     assert info[P.PARTITION_ID] == 2 and info["num-partitions"] == 3

@@ -28,10 +28,11 @@ def _run_dir(out):
 
 @pytest.fixture(scope="module")
 def digits_run(flower_home, tmp_path_factory):
-    """One real 3-client, 2-round run of the default scenario (sealed updates on)."""
+    """One real 3-client, 2-round run of the default scenario (sealed updates on), with
+    federated evaluation on every client as well."""
     out = tmp_path_factory.mktemp("digits-run")
     proc = fedvault("simulate", "digits-dp", "--num-clients", "3", "--output-dir", str(out),
-                    "--set", "num-server-rounds=2")  # fmt: skip
+                    "--set", "num-server-rounds=2", "--set", "fraction-evaluate=1.0")  # fmt: skip
     assert "final test accuracy" in proc.stdout
     return _run_dir(out)
 
@@ -53,6 +54,27 @@ def test_digits_three_clients_two_rounds(digits_run):
     assert "updates sealed end to end" in (digits_run / "simulation.log").read_text()
     model = LeNet5()
     model.load_state_dict(torch.load(digits_run / "model.pt"))
+
+
+def test_round_timing_splits_the_servers_wall_time(digits_run):
+    metrics = json.loads((digits_run / "metrics.json").read_text())
+    summary = metrics["summary"]
+    assert 0 < summary["initial_eval_s"] < summary["startup_s"] < summary["wall_seconds"]
+    in_rounds = 0.0
+    for r in metrics["rounds"]:
+        t = r["timing"]
+        phases = ("train_phase_s", "aggregate_s", "evaluate_phase_s", "central_eval_s")
+        assert set(t) == {*phases, "client_eval_s"}
+        assert all(t[k] >= 0 for k in phases)
+        # the clients' work happens inside the server's phases
+        assert t["train_phase_s"] >= max(c["train_seconds"] for c in r["clients"]) > 0
+        assert t["aggregate_s"] < t["train_phase_s"]
+        assert sorted(t["client_eval_s"]) == ["0", "1", "2"]
+        assert t["evaluate_phase_s"] >= max(t["client_eval_s"].values()) > 0
+        assert 0 < t["central_eval_s"] < r["duration_s"]
+        assert r["federated_evaluation"]["eval-accuracy"] > 0.1
+        in_rounds += t["train_phase_s"] + t["evaluate_phase_s"] + t["central_eval_s"]
+    assert summary["startup_s"] + in_rounds < summary["wall_seconds"]
 
 
 def test_evaluate_matches_the_runs_last_round(digits_run):
