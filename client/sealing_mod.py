@@ -81,4 +81,3 @@ def _check_fresh(context: Context, purpose: str, server_round: int) -> None:
 def _refuse(msg: Message, reason: str) -> Message:
     log.warning("%s", reason)
     return Message(Error(envelope.UPDATE_REJECTED, reason), reply_to=msg)
-

@@ -22,6 +22,37 @@ from torch.utils.data import DataLoader, TensorDataset
 log = logging.getLogger(__name__)
 
 
+class TensorBatches(TensorDataset):
+    """A ``TensorDataset`` the DataLoader reads a whole batch at a time.
+
+    torch's DataLoader otherwise indexes the dataset once per example and stacks the
+    pieces (thousands of tiny tensor ops per epoch: 40% of a text model's epoch). Every
+    data set here is already one tensor in memory, so a batch is one gather per tensor.
+    Opacus's Poisson loader keeps working unchanged: it only chooses the indices, and an
+    empty draw gives empty tensors of the right shape.
+    """
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return tuple(t[index] for t in self.tensors)
+
+
+def _as_gathered(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Collate for ``TensorBatches``: the batch is already gathered."""
+    return batch
+
+
+def batch_loader(data: TensorDataset, batch_size: int, generator: torch.Generator) -> DataLoader:
+    """Shuffled batches of ``data`` (Opacus replaces the sampler with Poisson sampling)."""
+    return DataLoader(
+        TensorBatches(*data.tensors),
+        batch_size=batch_size,
+        shuffle=True,
+        generator=generator,
+        collate_fn=_as_gathered,
+    )
+
+
 @dataclass(frozen=True)
 class DPSettings:
     """The DP-SGD mechanism for one round; σ was calibrated once for the whole run."""
@@ -57,7 +88,7 @@ def train_local(
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     criterion: nn.Module = nn.CrossEntropyLoss()
     sampling_rng = torch.Generator().manual_seed(secrets.randbits(63))
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=sampling_rng)
+    loader = batch_loader(data, batch_size, sampling_rng)
     engine = None
     if dp is not None:
         torch.manual_seed(secrets.randbits(63))  # Opacus's Poisson sampler uses the global RNG
@@ -100,4 +131,3 @@ def train_local(
             raise RuntimeError(f"unexpected accountant history {engine.accountant.history}")
         mechanism = (float(sigma), float(q), int(steps))
     return TrainResult(total_loss / max(batches, 1), len(data), mechanism)
-
