@@ -141,7 +141,10 @@ class RunRecord:
         sealed replies, ledger, FedAvg), ``evaluate_phase_s`` (``configure_evaluate`` →
         ``aggregate_evaluate`` done), ``central_eval_s`` (scoring the global model on the
         server's test set), ``client_eval_s`` ({partition: seconds} of each client's
-        evaluate handler). Clients' training seconds are ``clients[].train_seconds``."""
+        evaluate handler), ``train_reply_lag_s`` (the newest train reply's creation, on the
+        client's clock, to ``aggregate_train`` starting: relaying and polling for replies;
+        meaningful where server and clients share a clock, as in simulation). Clients'
+        training seconds are ``clients[].train_seconds``."""
         self._round(server_round).timing.update(seconds)
 
     def finish_round(self, server_round: int, metrics: dict[str, Any]) -> RoundRecord:

@@ -130,8 +130,10 @@ class RecordingFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        started = time.perf_counter()
+        started, received_at = time.perf_counter(), time.time()
         replies = list(replies)
+        # newest reply created (client's clock) → here: relaying + polling for replies
+        created = [m.metadata.created_at for m in replies if m.metadata.created_at]
         self._record_dropped(server_round, replies)
         replies = self._open(server_round, replies)
         for msg in replies:
@@ -151,6 +153,8 @@ class RecordingFedAvg(FedAvg):
         aggregated = super().aggregate_train(server_round, replies)
         done = time.perf_counter()
         timing = {"aggregate_s": done - started}
+        if created:
+            timing["train_reply_lag_s"] = received_at - max(created)
         if (phase_started := self._phase_started.pop(("train", server_round), None)) is not None:
             timing["train_phase_s"] = done - phase_started
         self.record.add_timing(server_round, **timing)
