@@ -101,3 +101,15 @@ def test_sample_rate_matches_opacus_poisson_loader():
     assert sample_rate_for(10, 32) == 1.0
     with pytest.raises(ValueError, match="no training examples"):
         sample_rate_for(0, 32)
+
+
+def test_calibration_is_searched_once_per_plan_in_a_process():
+    plan = dict(target_epsilon=2.5, target_delta=1e-5, sample_rate=0.03, total_steps=77)
+    first = calibrate_noise(**plan, accountant="rdp")
+    hits = calibrate_noise.cache_info().hits
+    assert calibrate_noise(**plan, accountant="rdp") == first
+    assert calibrate_noise.cache_info().hits == hits + 1
+    # another plan is searched, not served from the cache
+    other = calibrate_noise(**{**plan, "total_steps": 154}, accountant="rdp")
+    assert other > first
+    assert epsilon_of([(first, 0.03, 77)], 1e-5, "rdp") <= 2.5
