@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-SUITES = ["crypto", "dp"]
+SUITES = ["crypto", "dp", "simulation"]
 
 
 def main() -> None:
