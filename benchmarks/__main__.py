@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-SUITES = ["crypto", "dp", "simulation"]
+SUITES = ["crypto", "dp", "simulation", "scale", "deployment"]
 
 
 def main() -> None:
