@@ -44,8 +44,11 @@ def _as_gathered(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 
 def batch_loader(data: TensorDataset, batch_size: int, generator: torch.Generator) -> DataLoader:
     """Shuffled batches of ``data`` (Opacus replaces the sampler with Poisson sampling)."""
+    tensors = [
+        t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in data.tensors
+    ]  # images in the layout the convolutions run fastest in (see train_local)
     return DataLoader(
-        TensorBatches(*data.tensors),
+        TensorBatches(*tensors),
         batch_size=batch_size,
         shuffle=True,
         generator=generator,
@@ -85,6 +88,11 @@ def train_local(
 ) -> TrainResult:
     """Train ``model`` in place on ``data`` for ``epochs`` epochs."""
     model.train()
+    # Convolutions and pooling run ~14% faster on CPU in channels-last layout (measured with
+    # and without DP: benchmarks/dp.py); the weights go back to the default layout after.
+    convolutional = any(p.dim() == 4 for p in model.parameters())
+    if convolutional:
+        model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     criterion: nn.Module = nn.CrossEntropyLoss()
     sampling_rng = torch.Generator().manual_seed(secrets.randbits(63))
@@ -124,6 +132,8 @@ def train_local(
             if len(y):  # Poisson sampling may draw an empty batch: a step with only noise
                 total_loss += float(loss.detach())
                 batches += 1
+    if convolutional:
+        model.to(memory_format=torch.contiguous_format)
     mechanism = None
     if engine is not None:
         (sigma, q, steps), *rest = engine.accountant.history

@@ -86,3 +86,17 @@ def test_dp_training_records_the_mechanism_and_adds_noise():
     assert ra.mechanism == (1.0, 0.25, 8)
     # noise and sampling come from fresh CSPRNG seeds: two runs from one start differ
     assert not torch.equal(a.weight, b.weight)
+
+
+def test_lenet_trains_channels_last_and_returns_default_layout_weights():
+    from common.models import LeNet5
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,)))
+    model = LeNet5(10)
+    before = model.features[3].weight.detach().clone()
+    result = train_local(model, data, epochs=1, batch_size=32, learning_rate=0.1,
+                         dp=DPSettings(1.0, 1.0, "rdp", "ghost"))  # fmt: skip
+    assert result.mechanism == (1.0, 0.5, 2)
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert not torch.equal(model.features[3].weight, before)
