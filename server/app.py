@@ -83,7 +83,10 @@ def main(grid: Grid, context: Context) -> None:
         else:
             record.add_timing(server_round, central_eval_s=seconds)
             rec = record.finish_round(server_round, m)
-            eps = "n/a (dp = false)" if rec.max_epsilon is None else f"{rec.max_epsilon:.3f}"
+            if rec.max_epsilon is not None:
+                eps = f"{rec.max_epsilon:.3f}"
+            else:
+                eps = "n/a (no client trained)" if cfg.dp else "n/a (dp = false)"
             log.info(
                 "round %d/%d: test accuracy %.4f, macro F1 %.4f, test loss %.4f, max ε %s "
                 "(budget %s), %d clients trained, %d refused/failed",
