@@ -32,7 +32,6 @@ import json
 import statistics
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -64,15 +63,6 @@ def poll_key_default() -> float | None:
     return None
 
 
-def _wait_online(home: Path, node_ids: set[int], timeout: float) -> dict[int, str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = deploy.list_supernodes(home)
-        if all(status.get(n) == "online" for n in node_ids) or time.monotonic() > deadline:
-            return status
-        time.sleep(0.5)
-
-
 @contextlib.contextmanager
 def federation_stack(fed: Federation, work: Path, *, tuned: bool) -> Iterator[Path]:
     """SuperLink + registered, online SuperNodes; yields the operator's FLWR_HOME.
@@ -98,7 +88,7 @@ def federation_stack(fed: Federation, work: Path, *, tuned: bool) -> Iterator[Pa
             env = deploy.flower_env(work / f"supernode-{tag}-{pid}-home", tuned=tuned)
             log_file = work / f"supernode-{tag}-{pid}.log"
             procs.append(deploy.start_process(f"supernode-{pid}", cmd, log_file, env))
-        status = _wait_online(home, set(node_ids.values()), CONNECT_TIMEOUT_S)
+        status = deploy.wait_until_online(home, set(node_ids.values()), CONNECT_TIMEOUT_S)
         if not all(status.get(n) == "online" for n in node_ids.values()):
             raise deploy.DeployError(f"SuperNodes did not come online: {status}")
         yield home

@@ -227,6 +227,19 @@ def list_supernodes(flwr_home: Path) -> dict[int, str]:
     return {int(n["node-id"]): str(n["status"]) for n in reply["nodes"]}
 
 
+def wait_until_online(flwr_home: Path, node_ids: set[int], timeout: float) -> dict[int, str]:
+    """Poll the SuperLink until every node in ``node_ids`` is online or ``timeout`` passes.
+
+    Returns the last status seen, so a caller can name the nodes that never came online.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        status = list_supernodes(flwr_home)
+        if all(status.get(n) == "online" for n in node_ids) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
 def _json_reply(proc: subprocess.CompletedProcess[str], what: str) -> dict[str, Any]:
     try:
         reply = json.loads(proc.stdout)

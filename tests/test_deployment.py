@@ -38,15 +38,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_online(home: Path, node_ids: set[int], timeout: float) -> dict[int, str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = deploy.list_supernodes(home)
-        if all(status.get(n) == "online" for n in node_ids) or time.monotonic() > deadline:
-            return status
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("deploy")
@@ -112,7 +103,7 @@ def supernodes(work, federation, operator, tmp_path):
     with deploy.stopping(procs):
         for pid in range(NUM_NODES):
             start(pid)
-        status = _wait_online(home, set(node_ids.values()), CONNECT_TIMEOUT_S)
+        status = deploy.wait_until_online(home, set(node_ids.values()), CONNECT_TIMEOUT_S)
         assert all(status[n] == "online" for n in node_ids.values()), (
             f"SuperNodes did not come online: {status}\n" + procs[0].text()[-3000:]
         )
