@@ -27,8 +27,8 @@ from typing import Any
 import tomli_w
 
 from common.config import ConfigError, RunConfig
-from common.data.sources import default_cache_dir
 from common.federation_keys import provision
+from common.paths import default_cache_dir
 from common.scenarios import PROJECT_ROOT, Scenario
 
 log = logging.getLogger("fedvault.simulate")

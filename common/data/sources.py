@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
+
+from common.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,6 @@ def load_raw(name: str, data_dir: str = "", seed: int = 42) -> RawDataset:
     if name not in loaders:
         raise DataError(f"unknown dataset {name!r}: set dataset to one of {list(DATASETS)}")
     return loaders[name](Path(data_dir).expanduser() if data_dir else None, seed)
-
-
-def default_cache_dir() -> Path:
-    """Where downloads go: ``$FEDVAULT_CACHE`` or ``~/.cache/fedvault``."""
-    return Path(os.environ.get("FEDVAULT_CACHE", Path.home() / ".cache" / "fedvault"))
 
 
 def _digits(_data_dir: Path | None, seed: int) -> RawDataset:
