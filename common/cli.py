@@ -60,7 +60,26 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"{'n/a (no DP)' if eps is None else f'{eps:.3f}'}"
     )
     print(f"results: {result.run_dir} (metrics.json, model.pt, simulation.log)")
-    return 0
+    return _nothing_trained(metrics)
+
+
+def _nothing_trained(metrics: dict) -> int:
+    """Exit status 1, with the first client failure, when no client trained in any round.
+
+    Flower finishes such a run normally, but its model is the untrained initial one: a
+    script chaining runs must not mistake it for a result.
+    """
+    rounds = metrics.get("rounds", [])
+    if not rounds or any(r.get("clients") for r in rounds):
+        return 0
+    failures = [f for r in rounds for f in r.get("failures", [])]
+    reason = failures[0]["reason"] if failures else "no client replied"
+    print(
+        f"error: no client trained in any of the {len(rounds)} rounds (first failure: "
+        f"{reason}); fix the cause above and run again",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _passphrase(args: argparse.Namespace, confirm: bool = False) -> bytes | None:
@@ -244,8 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     k_init.add_argument("--role", choices=["server", "client"], required=True)
     k_init.add_argument("--name", required=True)
     k_init.add_argument("--out", required=True, help="key dir to create")
-    k_init.add_argument("--passphrase", action="store_true",
-                        help="protect private keys (prompt, or $FEDVAULT_PASSPHRASE)")
+    k_init.add_argument(
+        "--passphrase",
+        action="store_true",
+        help="protect private keys (prompt, or $FEDVAULT_PASSPHRASE)",
+    )
     k_init.add_argument("--force", action="store_true", help="replace existing keys")
     k_init.set_defaults(func=cmd_keys_init)
     k_show = keys_sub.add_parser("show", help="print a key dir's key ids")

@@ -65,3 +65,20 @@ def test_missing_run_dir_is_one_line(args):
     proc = fedvault(*args)
     assert proc.returncode == 2 and "/no/such/run" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+def test_a_run_where_no_client_ever_trained_exits_1(capsys):
+    from common.cli import _nothing_trained
+
+    failure = {"partition_id": 0, "refused_budget": False, "reason": "ValueError: no draw"}
+    untrained = {
+        "rounds": [{"clients": [], "failures": [failure]}, {"clients": [], "failures": []}]
+    }
+    assert _nothing_trained(untrained) == 1
+    err = capsys.readouterr().err
+    assert "no client trained in any of the 2 rounds" in err and "ValueError: no draw" in err
+    assert len(err.strip().splitlines()) == 1
+    trained_once = {
+        "rounds": [{"clients": [{"partition_id": 0}], "failures": []}, *untrained["rounds"]]
+    }
+    assert _nothing_trained(trained_once) == 0
