@@ -56,7 +56,7 @@ def samples_per_second(model_name: str, data: TensorDataset, batch: int, mode: s
     return max(epoch() for _ in range(repeats))
 
 
-def measure(name: str, model: str, data: TensorDataset, classes: int, batch: int,
+def measure(model: str, data: TensorDataset, classes: int, batch: int,
             modes: tuple[str, ...]) -> tuple[dict[str, float], str]:  # fmt: skip
     plain = samples_per_second(model, data, batch, None, classes)
     entry: dict[str, float] = {"plain": plain}
@@ -83,12 +83,12 @@ def run(quick: bool = False) -> dict[str, Any]:
         torch.set_num_threads(threads)
         for b in lenet_batches:
             key = f"lenet5@{b}/{threads}t"
-            result[key], line = measure(key, "lenet5", images, 10, b, MODES)
+            result[key], line = measure("lenet5", images, 10, b, MODES)
             rows.append((f"lenet5 batch {b:4d}, {threads} thread(s)", line))
     torch.set_num_threads(1)
     for model, b in (("text-linear", 64), ("text-mlp", 64), ("text-linear", 128)):
         key = f"{model}@{b}/1t"
-        result[key], line = measure(key, model, texts, 4, b, ("hooks", "ghost"))
+        result[key], line = measure(model, texts, 4, b, ("hooks", "ghost"))
         rows.append((f"{model} batch {b}, 1 thread", line))
     scenario = result[f"lenet5@{batch}/1t"]
     result["scenario_ratio"] = scenario["ghost_vs_plain"]

@@ -43,6 +43,7 @@ from benchmarks.common import (
     save,
     timestamped_lines,
 )
+from common.simulate import local_superlink_pids
 
 SAMPLED = 10
 BATCH_SIZE = 16
@@ -89,22 +90,11 @@ def overrides(n: int, partitioning: str, rounds: int, data_dir: str) -> list[str
     return sets
 
 
-def superlink_pids(home: str) -> list[int]:
-    """The detached ``flower-superlink`` that ``flwr run`` started for this FLWR_HOME."""
-    ps = import_psutil()
-    pids = []
-    for p in ps.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if any("flower-superlink" in a for a in cmd[:2]) and any(home in a for a in cmd):
-            pids.append(p.pid)
-    return pids
-
-
 def stop_superlink(home: str) -> None:
     """SIGTERM this run's SuperLink (only the one with our FLWR_HOME); wait for its tree."""
     ps = import_psutil()
     procs = []
-    for pid in superlink_pids(home):
+    for pid in local_superlink_pids(home):
         try:
             proc = ps.Process(pid)
             procs += [proc, *proc.children(recursive=True)]
@@ -139,7 +129,7 @@ def one_run(scenario: str, n: int, partitioning: str, rounds: int, data_dir: str
 
         def roots() -> list[int]:  # the SuperLink is detached from `flwr run`: find it once
             if not link:
-                link.extend(superlink_pids(home))
+                link.extend(local_superlink_pids(home))
             return [proc.pid, *link]
 
         with TreeMemory(roots) as memory:

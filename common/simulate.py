@@ -167,10 +167,10 @@ def _worth_showing(line: str) -> bool:
     )
 
 
-def stop_local_superlink(env: dict[str, str] | None = None) -> list[int]:
-    """Stop the SuperLink that ``flwr run`` started for fedvault's ``FLWR_HOME`` (Linux)."""
-    home = (env or flower_env())["FLWR_HOME"]
-    stopped = []
+def local_superlink_pids(home: str) -> list[int]:
+    """The detached ``flower-superlink`` processes ``flwr run`` started for FLWR_HOME ``home``
+    (Linux: read from /proc, so no process library is needed)."""
+    pids = []
     for proc_dir in Path("/proc").glob("[0-9]*"):
         try:
             cmdline = (proc_dir / "cmdline").read_bytes().split(b"\0")
@@ -178,9 +178,17 @@ def stop_local_superlink(env: dict[str, str] | None = None) -> list[int]:
             continue
         args = [a.decode(errors="replace") for a in cmdline]
         if any("flower-superlink" in a for a in args[:2]) and any(home in a for a in args):
-            try:
-                os.kill(int(proc_dir.name), signal.SIGTERM)
-                stopped.append(int(proc_dir.name))
-            except ProcessLookupError:
-                pass
+            pids.append(int(proc_dir.name))
+    return pids
+
+
+def stop_local_superlink(env: dict[str, str] | None = None) -> list[int]:
+    """Stop the SuperLink that ``flwr run`` started for fedvault's ``FLWR_HOME`` (Linux)."""
+    stopped = []
+    for pid in local_superlink_pids((env or flower_env())["FLWR_HOME"]):
+        try:
+            os.kill(pid, signal.SIGTERM)
+            stopped.append(pid)
+        except ProcessLookupError:
+            pass
     return stopped
