@@ -16,8 +16,13 @@ from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample import AbstractGradSampleModule
+from opacus.optimizers import DPOptimizerFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from client.clipping import BookKeepingClipping
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +47,15 @@ def _as_gathered(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return batch
 
 
-def batch_loader(data: TensorDataset, batch_size: int, generator: torch.Generator) -> DataLoader:
-    """Shuffled batches of ``data`` (Opacus replaces the sampler with Poisson sampling)."""
+def batch_loader(
+    data: TensorDataset, batch_size: int, generator: torch.Generator, *, channels_last: bool = False
+) -> DataLoader:
+    """Shuffled batches of ``data`` (Opacus replaces the sampler with Poisson sampling);
+    ``channels_last`` stores images in the layout the model was put in (see train_local)."""
     tensors = [
-        t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in data.tensors
-    ]  # images in the layout the convolutions run fastest in (see train_local)
+        t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+        for t in data.tensors
+    ]
     return DataLoader(
         TensorBatches(*tensors),
         batch_size=batch_size,
@@ -63,7 +72,7 @@ class DPSettings:
     noise_multiplier: float
     max_grad_norm: float
     accountant: str
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "bookkeeping"  # or Opacus's "hooks" / "ghost"
 
 
 @dataclass(frozen=True)
@@ -90,49 +99,72 @@ def train_local(
     model.train()
     # Convolutions and pooling run ~14% faster on CPU in channels-last layout (measured with
     # and without DP: benchmarks/dp.py); the weights go back to the default layout after.
-    convolutional = any(p.dim() == 4 for p in model.parameters())
-    if convolutional:
+    # Not under Opacus's own hooks: its conv per-sample gradients assume NCHW activations
+    # and come out wrong in channels-last, so the clipping bound would not hold.
+    channels_last = any(p.dim() == 4 for p in model.parameters()) and (
+        dp is None or dp.grad_sample_mode == "bookkeeping"
+    )
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     criterion: nn.Module = nn.CrossEntropyLoss()
     sampling_rng = torch.Generator().manual_seed(secrets.randbits(63))
-    loader = batch_loader(data, batch_size, sampling_rng)
+    loader = batch_loader(data, batch_size, sampling_rng, channels_last=channels_last)
     engine = None
+    clipping: BookKeepingClipping | None = None  # our hooks (bookkeeping) ...
+    opacus_hooks: AbstractGradSampleModule | None = None  # ... or Opacus's (hooks, ghost)
     if dp is not None:
         torch.manual_seed(secrets.randbits(63))  # Opacus's Poisson sampler uses the global RNG
+        noise_rng = torch.Generator().manual_seed(secrets.randbits(63))
         with warnings.catch_warnings():
             # Opacus warns about the non-secure RNG on every call; documented once in README.
             warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
             engine = PrivacyEngine(accountant=dp.accountant)
-            wrapped = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                criterion=criterion,
-                data_loader=loader,
-                noise_multiplier=dp.noise_multiplier,
-                max_grad_norm=dp.max_grad_norm,
-                poisson_sampling=True,
-                grad_sample_mode=dp.grad_sample_mode,
-                noise_generator=torch.Generator().manual_seed(secrets.randbits(63)),
-            )
-        if dp.grad_sample_mode == "ghost":
-            model, optimizer, criterion, loader = wrapped
-        else:
-            model, optimizer, loader = wrapped
+            if dp.grad_sample_mode == "bookkeeping":
+                clipping = BookKeepingClipping(model, dp.max_grad_norm)
+                optimizer, loader = _bookkeeping_dp(engine, optimizer, loader, dp, noise_rng)
+                criterion = nn.CrossEntropyLoss(reduction="none")
+            else:
+                wrapped = engine.make_private(
+                    module=model,
+                    optimizer=optimizer,
+                    criterion=criterion,
+                    data_loader=loader,
+                    noise_multiplier=dp.noise_multiplier,
+                    max_grad_norm=dp.max_grad_norm,
+                    poisson_sampling=True,
+                    grad_sample_mode=dp.grad_sample_mode,
+                    noise_generator=noise_rng,
+                )
+                if dp.grad_sample_mode == "ghost":
+                    model, optimizer, criterion, loader = wrapped
+                else:
+                    model, optimizer, loader = wrapped
+                opacus_hooks = model
 
     total_loss, batches = 0.0, 0
     # Opacus's hooks fire on the first layer, whose input needs no gradient; torch warns.
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-    for _ in range(epochs):
-        for x, y in loader:
-            optimizer.zero_grad(set_to_none=True)
-            loss = criterion(model(x), y)
-            loss.backward()
-            optimizer.step()
-            if len(y):  # Poisson sampling may draw an empty batch: a step with only noise
-                total_loss += float(loss.detach())
-                batches += 1
-    if convolutional:
+    try:
+        for _ in range(epochs):
+            for x, y in loader:
+                optimizer.zero_grad(set_to_none=True)
+                loss = criterion(model(x), y)
+                if clipping is not None:
+                    clipping.backward(loss)  # per-sample losses: reduction="none"
+                    loss = loss.detach().mean()
+                else:
+                    loss.backward()
+                optimizer.step()
+                if len(y):  # Poisson sampling may draw an empty batch: a step with only noise
+                    total_loss += float(loss.detach())
+                    batches += 1
+    finally:  # the caller's model leaves without hooks, whatever happened
+        if clipping is not None:
+            clipping.remove()
+        if opacus_hooks is not None:
+            opacus_hooks.cleanup()
+    if channels_last:
         model.to(memory_format=torch.contiguous_format)
     mechanism = None
     if engine is not None:
@@ -141,3 +173,31 @@ def train_local(
             raise RuntimeError(f"unexpected accountant history {engine.accountant.history}")
         mechanism = (float(sigma), float(q), int(steps))
     return TrainResult(total_loss / max(batches, 1), len(data), mechanism)
+
+
+def _bookkeeping_dp(
+    engine: PrivacyEngine,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    dp: DPSettings,
+    noise_rng: torch.Generator,
+) -> tuple[DPOptimizerFastGradientClipping, DataLoader]:
+    """Opacus's DP-SGD pieces around book-keeping clipping, as ``make_private`` builds them.
+
+    ``make_private`` would also wrap the model in its own per-sample-gradient hooks, which
+    book-keeping replaces; everything else is Opacus's: Poisson sampling, the optimizer
+    that adds N(0, σ²C²) to the clipped sum and divides by the expected batch size, and
+    the accountant hook that records every step.
+    """
+    poisson = DPDataLoader.from_data_loader(loader)
+    sample_rate = 1 / len(poisson)
+    dp_optimizer = DPOptimizerFastGradientClipping(
+        optimizer,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=int(len(poisson.dataset) * sample_rate),  # type: ignore[arg-type]
+        loss_reduction="mean",
+        generator=noise_rng,
+    )
+    dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
+    return dp_optimizer, poisson

@@ -13,6 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+# How DP-SGD gets Σᵢ clip(gᵢ): "bookkeeping" is one backward pass (client/clipping.py),
+# "ghost" and "hooks" are Opacus's two-pass ghost clipping and materialised per-sample grads.
+GRAD_SAMPLE_MODES = ("bookkeeping", "ghost", "hooks")
+
 
 class ConfigError(ValueError):
     """A run-config key is missing, unknown or has a bad value."""
@@ -47,7 +51,7 @@ class RunConfig:
     max_grad_norm: float = 1.0
     noise_multiplier: float = 0.0
     accountant: str = "prv"
-    grad_sample_mode: str = "ghost"
+    grad_sample_mode: str = "bookkeeping"
     torch_threads: int = 1
     output_dir: str = "runs"
     encrypt_updates: bool = False
@@ -61,8 +65,7 @@ class RunConfig:
         unknown = sorted(set(raw) - set(known))
         if unknown:
             raise ConfigError(
-                f"unknown run-config key(s) {unknown}: check the spelling against "
-                f"{sorted(known)}"
+                f"unknown run-config key(s) {unknown}: check the spelling against {sorted(known)}"
             )
         values: dict[str, Any] = {}
         for key, value in raw.items():
@@ -92,7 +95,10 @@ class RunConfig:
             (self.max_grad_norm > 0, "max-grad-norm must be > 0"),
             (self.noise_multiplier >= 0, "noise-multiplier must be ≥ 0 (0 = calibrate)"),
             (self.accountant in ("prv", "rdp"), "accountant must be prv or rdp"),
-            (self.grad_sample_mode in ("hooks", "ghost"), "grad-sample-mode: hooks or ghost"),
+            (
+                self.grad_sample_mode in GRAD_SAMPLE_MODES,
+                f"grad-sample-mode must be one of {', '.join(GRAD_SAMPLE_MODES)}",
+            ),
             (self.torch_threads >= 1, "torch-threads must be ≥ 1"),
             (self.text_features >= 16, "text-features must be ≥ 16"),
         ]
