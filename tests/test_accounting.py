@@ -113,3 +113,16 @@ def test_calibration_is_searched_once_per_plan_in_a_process():
     other = calibrate_noise(**{**plan, "total_steps": 154}, accountant="rdp")
     assert other > first
     assert epsilon_of([(first, 0.03, 77)], 1e-5, "rdp") <= 2.5
+
+
+def test_epsilon_is_computed_once_per_history_in_a_process():
+    from common.privacy.accounting import _composed_epsilon
+
+    history = [(1.1, 0.05, 40), (1.1, 0.05, 40)]  # two rounds: merged into one mechanism
+    first = epsilon_of(history, 1e-5, "rdp")
+    hits = _composed_epsilon.cache_info().hits
+    assert epsilon_of([(1.1, 0.05, 80)], 1e-5, "rdp") == first  # same merged history: a hit
+    assert _composed_epsilon.cache_info().hits == hits + 1
+    # a third round composes: computed, not served from the cache, and larger
+    assert epsilon_of([*history, (1.1, 0.05, 40)], 1e-5, "rdp") > first
+    assert _composed_epsilon.cache_info().hits == hits + 1
