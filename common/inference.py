@@ -9,7 +9,6 @@ classify strings (:func:`read_text_inputs` expands files into lines).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from common.data import load_raw_cached, load_test_set
 from common.data.features import image_features, text_features
 from common.metrics import EVAL_BATCH_SIZE, evaluate_with_metrics
 from common.models import model_for
+from common.report.rundata import METRICS_FILE, RunDirError, read_metrics
 
 log = logging.getLogger("fedvault.inference")
 
@@ -48,10 +48,6 @@ __all__ = [
 
 class InferenceError(RuntimeError):
     """Evaluation or prediction cannot proceed; the message names the problem and the fix."""
-
-
-class RunDirError(InferenceError):
-    """A run directory is missing, incomplete or unreadable; the message names the path."""
 
 
 @dataclass(frozen=True)
@@ -91,24 +87,12 @@ class Prediction:
 
 def load_run(run_dir: str | Path) -> LoadedRun:
     """Load a run directory's config, class names and final model (eval mode, on CPU)."""
+    metrics = read_metrics(run_dir)
     path = Path(run_dir).expanduser()
-    if not path.is_dir():
-        raise RunDirError(
-            f"run directory {path} not found: pass a folder a run wrote "
-            "(<output-dir>/<run-id>, e.g. runs/<run-id>)"
-        )
-    metrics_path, model_path = path / "metrics.json", path / "model.pt"
-    if not metrics_path.is_file():
-        raise RunDirError(
-            f"{metrics_path} not found: {path} is not a fedvault run directory; pass "
-            "<output-dir>/<run-id>"
-        )
+    metrics_path, model_path = path / METRICS_FILE, path / "model.pt"
     try:
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
         config = RunConfig.from_mapping(metrics["config"])
         classes = tuple(str(c) for c in metrics["summary"]["classes"])
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunDirError(f"{metrics_path} cannot be read ({_one_line(err)}): re-run") from None
     except (KeyError, TypeError) as err:
         raise RunDirError(
             f"{metrics_path} has no config/summary.classes ({_one_line(err)}): is it a "

@@ -21,7 +21,10 @@ METRICS_FILE = "metrics.json"
 
 
 class RunDirError(FileNotFoundError):
-    """Not a run directory, or its metrics.json is unreadable (a user error: exit 2)."""
+    """Not a run directory, or its metrics.json is unreadable (a user error: exit 2).
+
+    The one error for a bad run directory, whoever reads it: the audit, the report, and
+    ``fedvault evaluate`` / ``predict`` (common/inference.py)."""
 
 
 @dataclass
@@ -67,30 +70,49 @@ class RunData:
 
 def load_run(run_dir: str | os.PathLike[str], *, need_metrics: bool = False) -> RunData:
     """Read ``run_dir``; ``RunDirError`` if it holds neither file (or metrics when needed)."""
-    root = Path(run_dir)
+    root = _run_dir(run_dir)
     metrics_path = root / METRICS_FILE
     ledger_path = root / LEDGER_FILE
-    if not root.is_dir():
-        raise RunDirError(f"run directory '{root}' does not exist: pass runs/<run-id>")
     if not metrics_path.exists() and (need_metrics or not ledger_path.exists()):
         raise RunDirError(
             f"'{root}' has no {METRICS_FILE}"
             + ("" if need_metrics else f" and no {LEDGER_FILE}")
             + ": pass a run directory written by a fedvault run (runs/<run-id>)"
         )
-    metrics = None
-    if metrics_path.exists():
-        try:
-            metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise RunDirError(f"{metrics_path} cannot be read ({err})") from None
-        if not isinstance(metrics, dict):
-            raise RunDirError(f"{metrics_path} is not a JSON object")
-    data = RunData(root, metrics)
+    data = RunData(root, read_metrics(root) if metrics_path.exists() else None)
     if ledger_path.exists():
         data.entries, data.ledger_problems = read_ledger(ledger_path)
         data.ledger_present = True
     return data
+
+
+def read_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``run_dir``'s metrics.json as a dict; ``RunDirError`` (one line, naming the path)
+    when the directory or the file is missing or the file is not a JSON object."""
+    metrics_path = _run_dir(run_dir) / METRICS_FILE
+    if not metrics_path.is_file():
+        raise RunDirError(
+            f"{metrics_path} not found: '{metrics_path.parent}' is not a fedvault run "
+            "directory; pass <output-dir>/<run-id> (e.g. runs/<run-id>)"
+        )
+    try:
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = " ".join(str(err).split())
+        raise RunDirError(f"{metrics_path} cannot be read ({reason}): re-run") from None
+    if not isinstance(metrics, dict):
+        raise RunDirError(f"{metrics_path} is not a JSON object: is it a fedvault metrics.json?")
+    return metrics
+
+
+def _run_dir(run_dir: str | os.PathLike[str]) -> Path:
+    root = Path(run_dir).expanduser()
+    if not root.is_dir():
+        raise RunDirError(
+            f"run directory '{root}' does not exist: pass a folder a run wrote "
+            "(<output-dir>/<run-id>, e.g. runs/<run-id>)"
+        )
+    return root
 
 
 def metrics_clients(data: RunData) -> dict[tuple[int, int], dict[str, Any]]:
