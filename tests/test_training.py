@@ -50,7 +50,7 @@ def test_poisson_loader_over_batched_data_matches_and_keeps_empty_draws_shaped()
     assert empty > 0
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["bookkeeping", "ghost", "hooks"])
 def test_dp_step_is_the_mean_of_clipped_per_example_gradients(mode):
     """σ = 0 and q = 1: one step moves the weights by exactly −lr · Σ clip(g_i) / n."""
     torch.manual_seed(0)
@@ -76,11 +76,12 @@ def test_dp_step_is_the_mean_of_clipped_per_example_gradients(mode):
         torch.testing.assert_close(b - p.detach(), e / 12, rtol=1e-4, atol=1e-6)
 
 
-def test_dp_training_records_the_mechanism_and_adds_noise():
+@pytest.mark.parametrize("mode", ["bookkeeping", "ghost"])
+def test_dp_training_records_the_mechanism_and_adds_noise(mode):
     data = _data(n=64)
     a, b = nn.Linear(5, 3), nn.Linear(5, 3)
     b.load_state_dict(a.state_dict())
-    dp = DPSettings(1.0, 1.0, "rdp", "ghost")
+    dp = DPSettings(1.0, 1.0, "rdp", mode)
     ra = train_local(a, data, epochs=2, batch_size=16, learning_rate=0.1, dp=dp)
     train_local(b, data, epochs=2, batch_size=16, learning_rate=0.1, dp=dp)
     assert ra.mechanism == (1.0, 0.25, 8)
@@ -88,7 +89,10 @@ def test_dp_training_records_the_mechanism_and_adds_noise():
     assert not torch.equal(a.weight, b.weight)
 
 
-def test_lenet_trains_channels_last_and_returns_default_layout_weights():
+@pytest.mark.parametrize("mode", ["bookkeeping", "ghost"])
+def test_lenet_returns_default_layout_weights(mode):
+    """bookkeeping trains channels-last, Opacus's modes NCHW: either way the weights come
+    back in the default layout."""
     from common.models import LeNet5
 
     torch.manual_seed(0)
@@ -96,7 +100,7 @@ def test_lenet_trains_channels_last_and_returns_default_layout_weights():
     model = LeNet5(10)
     before = model.features[3].weight.detach().clone()
     result = train_local(model, data, epochs=1, batch_size=32, learning_rate=0.1,
-                         dp=DPSettings(1.0, 1.0, "rdp", "ghost"))  # fmt: skip
+                         dp=DPSettings(1.0, 1.0, "rdp", mode))  # fmt: skip
     assert result.mechanism == (1.0, 0.5, 2)
     assert all(p.is_contiguous() for p in model.parameters())
     assert not torch.equal(model.features[3].weight, before)
