@@ -23,6 +23,7 @@ from torch import nn
 from common.config import ConfigError, RunConfig
 from common.data import load_raw_cached, load_test_set
 from common.data.features import image_features, text_features
+from common.logs import one_line
 from common.metrics import EVAL_BATCH_SIZE, evaluate_with_metrics
 from common.models import model_for
 from common.report.rundata import METRICS_FILE, RunDirError, read_metrics
@@ -95,7 +96,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         classes = tuple(str(c) for c in metrics["summary"]["classes"])
     except (KeyError, TypeError) as err:
         raise RunDirError(
-            f"{metrics_path} has no config/summary.classes ({_one_line(err)}): is it a "
+            f"{metrics_path} has no config/summary.classes ({one_line(err)}): is it a "
             "fedvault metrics.json?"
         ) from None
     except ConfigError as err:
@@ -112,7 +113,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     except Exception as err:  # unpickling / shape mismatch: many exception types
         raise RunDirError(
             f"{model_path} cannot be loaded as a {config.model} with {len(classes)} classes "
-            f"({_one_line(err)}): is the file from this run?"
+            f"({one_line(err)}): is the file from this run?"
         ) from None
     model.eval()
     kind = "image" if config.model in IMAGE_MODELS else "text"
@@ -224,7 +225,7 @@ def _image_error(path: str, err: Exception) -> str:
         return f"{path}: no such file"
     if isinstance(err, IsADirectoryError):
         return f"{path}: is a directory, not an image file"
-    return f"{path}: cannot read as an image ({type(err).__name__}: {_one_line(err)})"
+    return f"{path}: cannot read as an image ({type(err).__name__}: {one_line(err)})"
 
 
 def load_image(path: str | Path) -> torch.Tensor:
@@ -291,12 +292,8 @@ def read_text_inputs(args: Sequence[str]) -> list[str]:
                 f"{path} is not a UTF-8 text file: pass texts, one a line"
             ) from None
         except OSError as err:
-            raise InferenceError(f"{path} cannot be read ({_one_line(err)})") from None
+            raise InferenceError(f"{path} cannot be read ({one_line(err)})") from None
         kept = [line.strip() for line in lines if line.strip()]
         log.debug("%s: %d text(s)", path, len(kept))
         texts.extend(kept)
     return texts
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__

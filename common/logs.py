@@ -23,3 +23,9 @@ def configure_logging(level: int = logging.INFO) -> logging.Logger:
         logger.addHandler(handler)
         logger.propagate = False
     return logger
+
+
+def one_line(err: BaseException) -> str:
+    """An exception's message on one line (its type when it has none), for the one-line
+    user errors fedvault prints: JSON and OS errors can carry newlines."""
+    return " ".join(str(err).split()) or type(err).__name__

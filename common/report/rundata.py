@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.logs import one_line
 from common.privacy.ledger import LEDGER_FILE, Finding, LedgerEntry, read_ledger
 
 log = logging.getLogger("fedvault.report.rundata")
@@ -98,8 +99,7 @@ def read_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        reason = " ".join(str(err).split())
-        raise RunDirError(f"{metrics_path} cannot be read ({reason}): re-run") from None
+        raise RunDirError(f"{metrics_path} cannot be read ({one_line(err)}): re-run") from None
     if not isinstance(metrics, dict):
         raise RunDirError(f"{metrics_path} is not a JSON object: is it a fedvault metrics.json?")
     return metrics
