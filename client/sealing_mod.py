@@ -1,8 +1,14 @@
 """The client's end of end-to-end update protection, as a Flower mod (see common.envelope).
 
 Verifies the server's signature on every incoming global model and seals every outgoing
-update for the ServerApp. The training code never sees any of it: this is the only place
-on the client where messages are protected.
+reply (updates, evaluation results and refusals) for the ServerApp. The training code never
+sees any of it: this is the only place on the client where messages are protected.
+
+Whether messages must be protected is the *holder's* decision, not the run config's: a
+holder that pinned the server's public key (node config ``server-public``; in simulation,
+the federation's ``server/public.json``) and whose policy says ``require-sealing`` (the
+default) accepts only server-signed messages and only replies sealed, whatever
+``encrypt-updates`` says. A run with ``encrypt-updates = false`` is then refused.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import logging
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.keyring import own_identity, server_public
+from client import holder
 from common import envelope
 from common.config import ConfigError, RunConfig
 from common.crypto import CryptoError, message_info, seal, verify
@@ -30,16 +36,31 @@ def sealing_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         return call_next(msg, context)
     cfg = RunConfig.from_mapping(context.run_config)
     blob = envelope.unwrap(msg.content)
-    if not cfg.encrypt_updates:
-        if blob is not None:
-            return _refuse(msg, "the server sent a protected message but encrypt-updates = false")
+    try:
+        server = holder.pinned_server(cfg, context)
+        required = server is not None and holder.policy(cfg, context).require_sealing
+    except (CryptoError, ConfigError, ValueError) as err:
+        return _refuse(msg, f"cannot read this holder's keys or policy: {err}")
+    if server is None:
+        if cfg.encrypt_updates or blob is not None:
+            return _refuse(
+                msg,
+                "the run protects messages (encrypt-updates = true), but this client pinned no "
+                "server key: set node config server-public (deployment) or run-config keys-dir "
+                "(simulation)",
+            )
+        return call_next(msg, context)
+    if not required and blob is None:
         return call_next(msg, context)
     partition_id = int(context.node_config["partition-id"])
     try:
-        own = own_identity(cfg, context, partition_id, "encrypt-updates")
-        server = server_public(cfg, context, "encrypt-updates")
+        own = holder.require_identity(cfg, context, "sealed updates")
         if blob is None:
-            raise ValueError("the server's message is not signed while encrypt-updates = true")
+            raise ValueError(
+                "the server's message is not signed, but this holder pinned the server's key "
+                "and its policy requires sealing (require-sealing = true); the run has "
+                f"encrypt-updates = {str(cfg.encrypt_updates).lower()}"
+            )
         server_round = _claimed_round(blob)
         _check_fresh(context, purpose, server_round)
         expected = envelope.context(

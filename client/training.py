@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizerFastGradientClipping
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -47,17 +47,22 @@ def _as_gathered(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     return batch
 
 
+def _batches_of(data: TensorDataset, channels_last: bool) -> TensorBatches:
+    """``channels_last`` stores images in the layout the model was put in (see train_local)."""
+    return TensorBatches(
+        *[
+            t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+            for t in data.tensors
+        ]
+    )
+
+
 def batch_loader(
     data: TensorDataset, batch_size: int, generator: torch.Generator, *, channels_last: bool = False
 ) -> DataLoader:
-    """Shuffled batches of ``data`` (Opacus replaces the sampler with Poisson sampling);
-    ``channels_last`` stores images in the layout the model was put in (see train_local)."""
-    tensors = [
-        t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
-        for t in data.tensors
-    ]
+    """Shuffled batches of ``data`` (training without DP)."""
     return DataLoader(
-        TensorBatches(*tensors),
+        _batches_of(data, channels_last),
         batch_size=batch_size,
         shuffle=True,
         generator=generator,
@@ -65,20 +70,47 @@ def batch_loader(
     )
 
 
+def poisson_batches(
+    data: TensorDataset,
+    sample_rate: float,
+    steps: int,
+    generator: torch.Generator,
+    *,
+    channels_last: bool = False,
+) -> DataLoader:
+    """Exactly ``steps`` Poisson-sampled batches: each example joins each batch with
+    probability ``sample_rate``, independently -- the sampling the accountant assumes.
+
+    Opacus's sampler, given ``steps`` explicitly: left to itself it takes ``int(1/q)`` steps,
+    which for q = 1/k is k − 1 for about 6% of k (1/(1/93) = 92.99…), so the plan, the ledger
+    and the optimizer would disagree. An empty draw gives empty tensors of the right shape.
+    """
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(data), sample_rate=sample_rate, generator=generator, steps=steps
+    )
+    return DataLoader(
+        _batches_of(data, channels_last), batch_sampler=sampler, collate_fn=_as_gathered
+    )
+
+
 @dataclass(frozen=True)
 class DPSettings:
-    """The DP-SGD mechanism for one round; σ was calibrated once for the whole run."""
+    """The DP-SGD mechanism for one round, as the holder's privacy session planned it: σ
+    (calibrated once per run), q = 1/k and k steps per epoch (from the declared size)."""
 
     noise_multiplier: float
     max_grad_norm: float
-    accountant: str
+    sample_rate: float
+    steps_per_epoch: int
+    accountant: str = "prv"
     grad_sample_mode: str = "bookkeeping"  # or Opacus's "hooks" / "ghost"
 
 
 @dataclass(frozen=True)
 class TrainResult:
+    # Mean training loss over the round's batches: for the holder's own logs only. It is a
+    # function of the private data that no accountant covers, so it never leaves the client.
     train_loss: float
-    num_examples: int
     # What the accountant saw: (noise_multiplier, sample_rate, steps) for this round, or
     # None without DP. Taken from Opacus's own accountant so the ledger records what the
     # optimizer actually did, not what we planned.
@@ -109,12 +141,16 @@ def train_local(
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     criterion: nn.Module = nn.CrossEntropyLoss()
     sampling_rng = torch.Generator().manual_seed(secrets.randbits(63))
-    loader = batch_loader(data, batch_size, sampling_rng, channels_last=channels_last)
+    if dp is None:
+        loader = batch_loader(data, batch_size, sampling_rng, channels_last=channels_last)
+    else:
+        loader = poisson_batches(
+            data, dp.sample_rate, dp.steps_per_epoch, sampling_rng, channels_last=channels_last
+        )
     engine = None
     clipping: BookKeepingClipping | None = None  # our hooks (bookkeeping) ...
     opacus_hooks: AbstractGradSampleModule | None = None  # ... or Opacus's (hooks, ghost)
     if dp is not None:
-        torch.manual_seed(secrets.randbits(63))  # Opacus's Poisson sampler uses the global RNG
         noise_rng = torch.Generator().manual_seed(secrets.randbits(63))
         with warnings.catch_warnings():
             # Opacus warns about the non-secure RNG on every call; documented once in README.
@@ -132,7 +168,7 @@ def train_local(
                     data_loader=loader,
                     noise_multiplier=dp.noise_multiplier,
                     max_grad_norm=dp.max_grad_norm,
-                    poisson_sampling=True,
+                    poisson_sampling=False,  # the loader already is: poisson_batches
                     grad_sample_mode=dp.grad_sample_mode,
                     noise_generator=noise_rng,
                 )
@@ -172,7 +208,7 @@ def train_local(
         if rest:
             raise RuntimeError(f"unexpected accountant history {engine.accountant.history}")
         mechanism = (float(sigma), float(q), int(steps))
-    return TrainResult(total_loss / max(batches, 1), len(data), mechanism)
+    return TrainResult(total_loss / max(batches, 1), mechanism)
 
 
 def _bookkeeping_dp(
@@ -185,19 +221,18 @@ def _bookkeeping_dp(
     """Opacus's DP-SGD pieces around book-keeping clipping, as ``make_private`` builds them.
 
     ``make_private`` would also wrap the model in its own per-sample-gradient hooks, which
-    book-keeping replaces; everything else is Opacus's: Poisson sampling, the optimizer
-    that adds N(0, σ²C²) to the clipped sum and divides by the expected batch size, and
-    the accountant hook that records every step.
+    book-keeping replaces; everything else is Opacus's: the optimizer that adds N(0, σ²C²)
+    to the clipped sum and divides by the expected batch size, and the accountant hook that
+    records every step (with the planned q). ``loader`` is already Poisson-sampled.
     """
-    poisson = DPDataLoader.from_data_loader(loader)
-    sample_rate = 1 / len(poisson)
     dp_optimizer = DPOptimizerFastGradientClipping(
         optimizer,
         noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=int(len(poisson.dataset) * sample_rate),  # type: ignore[arg-type]
+        expected_batch_size=max(1, int(len(loader.dataset) * dp.sample_rate)),  # type: ignore[arg-type]
         loss_reduction="mean",
         generator=noise_rng,
     )
-    dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
-    return dp_optimizer, poisson
+    hook = engine.accountant.get_optimizer_hook_fn(sample_rate=dp.sample_rate)
+    dp_optimizer.attach_step_hook(hook)
+    return dp_optimizer, loader

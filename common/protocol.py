@@ -9,12 +9,14 @@ ARRAYS = "arrays"  # ArrayRecord: model weights (FedAvg's default key)
 CONFIG = "config"  # ConfigRecord: per-round instructions (FedAvg's default key)
 METRICS = "metrics"  # MetricRecord: what a client reports with its update
 NODE_INFO = "node-info"  # ConfigRecord: reply to the partition-discovery query
-LEDGER = "ledger"  # ConfigRecord {"entry": one ledger.jsonl line}: this round's privacy expense
+LEDGER = "ledger"  # ConfigRecord {LEDGER_ENTRIES: [ledger.jsonl lines]}: the holder's new entries
+LEDGER_ENTRIES = "entries"
+REFUSAL = "refusal"  # ConfigRecord {"code": int, "reason": str}: the holder refuses this round
 
-# Train metrics. FedAvg weights by NUM_EXAMPLES.
+# Train metrics (everything a client reports: see README, "Privacy accounting, precisely").
+# FedAvg weights by NUM_EXAMPLES: the holder's declared, public data set size.
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"
-TRAIN_LOSS = "train-loss"
 EPSILON = "epsilon"  # cumulative ε of this client after this round
 ROUND_EPSILON = "round-epsilon"  # what this round added to the cumulative ε
 NOISE_MULTIPLIER = "noise-multiplier"
@@ -22,12 +24,11 @@ SAMPLE_RATE = "sample-rate"
 STEPS = "steps"
 MAX_GRAD_NORM = "max-grad-norm"
 DELTA = "delta"
-TRAIN_SECONDS = "train-seconds"
 
 # Evaluate metrics.
 EVAL_LOSS = "eval-loss"
 EVAL_ACCURACY = "eval-accuracy"
-EVAL_SECONDS = "eval-seconds"  # wall seconds of the evaluate handler (data, model, scoring)
 
-# Error codes in error replies (Flower's own codes are small integers).
+# Refusal codes (in REFUSAL records; Flower's own error codes are small integers).
 PRIVACY_BUDGET_EXHAUSTED = 4001
+POLICY_REFUSED = 4002  # the run asks for more than the holder's policy allows

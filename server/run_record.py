@@ -31,12 +31,11 @@ DETAILED_METRICS = (
 
 @dataclass
 class ClientRound:
-    """One client's report for one round (DP fields are None without DP)."""
+    """One client's report for one round (DP fields are None without DP). ``num_examples``
+    is the holder's declared size; ``epsilon`` its lifetime cumulative ε."""
 
     partition_id: int
     num_examples: int
-    train_loss: float
-    train_seconds: float
     epsilon: float | None = None
     round_epsilon: float | None = None
     noise_multiplier: float | None = None
@@ -44,6 +43,7 @@ class ClientRound:
     steps: int | None = None
     max_grad_norm: float | None = None
     delta: float | None = None
+    chain_id: str | None = None  # the holder's lifetime ledger chain (from its ledger entry)
 
     @classmethod
     def from_metrics(cls, partition_id: int, metrics: dict[str, Any]) -> ClientRound:
@@ -54,8 +54,6 @@ class ClientRound:
         return cls(
             partition_id=partition_id,
             num_examples=int(metrics[P.NUM_EXAMPLES]),
-            train_loss=float(metrics[P.TRAIN_LOSS]),
-            train_seconds=float(metrics.get(P.TRAIN_SECONDS, 0.0)),
             epsilon=opt(P.EPSILON),
             round_epsilon=opt(P.ROUND_EPSILON),
             noise_multiplier=opt(P.NOISE_MULTIPLIER),
@@ -107,6 +105,7 @@ class RunRecord:
         self.initial: dict[str, float] | None = None
         self.epsilon_by_partition: dict[int, float] = {}
         self.pending_ledger: list[LedgerEntry] = []
+        self._ledger_seen: set[tuple[str, int, str]] = set()
 
     def start_round(self, server_round: int, sampled: list[int]) -> None:
         now = time.time()
@@ -124,12 +123,23 @@ class RunRecord:
         if client.epsilon is not None:
             self.epsilon_by_partition[client.partition_id] = client.epsilon
 
-    def add_ledger_entry(self, entry: LedgerEntry) -> None:
+    def add_ledger_entry(self, entry: LedgerEntry) -> bool:
+        """Keep ``entry`` unless this run already holds it (same chain, seq and hash): a
+        holder resends its chain once per run, and a replayed reply must not double it."""
+        key = (entry.chain_id, entry.seq, entry.hash)
+        if key in self._ledger_seen:
+            return False
+        self._ledger_seen.add(key)
         self.pending_ledger.append(entry)
+        return True
 
-    def add_failure(self, server_round: int, partition: int, reason: str, refused: bool) -> None:
+    def add_failure(
+        self, server_round: int, partition: int, reason: str, refused: bool, code: int = 0
+    ) -> None:
+        """``refused``: the holder itself declined the round (a policy or budget refusal,
+        sealed when sealing is on); otherwise the round failed or was rejected."""
         self._round(server_round).failures.append(
-            {"partition_id": partition, "refused_budget": refused, "reason": reason}
+            {"partition_id": partition, "refused": refused, "code": code, "reason": reason}
         )
 
     def set_federated_evaluation(self, server_round: int, metrics: dict[str, float]) -> None:
@@ -140,11 +150,10 @@ class RunRecord:
         ``aggregate_train`` done), ``aggregate_s`` (inside ``aggregate_train``: opening
         sealed replies, ledger, FedAvg), ``evaluate_phase_s`` (``configure_evaluate`` →
         ``aggregate_evaluate`` done), ``central_eval_s`` (scoring the global model on the
-        server's test set), ``client_eval_s`` ({partition: seconds} of each client's
-        evaluate handler), ``train_reply_lag_s`` (the newest train reply's creation, on the
+        server's test set), ``train_reply_lag_s`` (the newest train reply's creation, on the
         client's clock, to ``aggregate_train`` starting: relaying and polling for replies;
-        meaningful where server and clients share a clock, as in simulation). Clients'
-        training seconds are ``clients[].train_seconds``."""
+        meaningful where server and clients share a clock, as in simulation). Clients do not
+        report how long they trained: it reveals their data size."""
         self._round(server_round).timing.update(seconds)
 
     def finish_round(self, server_round: int, metrics: dict[str, Any]) -> RoundRecord:

@@ -126,6 +126,53 @@ class RecordingFedAvg(FedAvg):
             raise RuntimeError(f"nodes {missing} did not answer the partition query")
         log.info("partitions by node: %s", {n: self.partition_of[n] for n in unknown})
 
+    # -- replies -------------------------------------------------------------------------
+    def _accept(self, server_round: int, purpose: str, replies: Iterable[Message]) -> list[Message]:
+        """One reply per sampled node per round, opened when sealing is on.
+
+        A second reply from the same node (a replayed or duplicated message) is dropped and
+        logged: aggregating it twice would give that client twice its weight. So is a reply
+        from a node that was not asked this round."""
+        record = self.record.rounds.get(server_round)
+        asked = set(record.sampled) if record is not None and purpose == "train" else None
+        first: dict[int, Message] = {}
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            partition = self.partition_of.get(node, -1)
+            if node in first:
+                log.warning("round %d: partition %d (node %d) replied again; the duplicate "
+                            "is dropped", server_round, partition, node)  # fmt: skip
+            elif asked is not None and partition not in asked:
+                log.warning("round %d: a reply from node %d, which was not sampled, is "
+                            "dropped", server_round, node)  # fmt: skip
+            else:
+                first[node] = msg
+        return self._open(server_round, first.values())
+
+    def _triage(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Record failures and refusals; return the replies that carry a result.
+
+        A refusal counts as the holder's only when it arrives as its (sealed) ``refusal``
+        record. A Flower error reply is never one: nothing authenticates it, so with sealing
+        on anyone on the path could forge it; it is recorded as a failure."""
+        results = []
+        for msg in replies:
+            partition = self.partition_of.get(msg.metadata.src_node_id, -1)
+            if msg.has_error():
+                sealed = " (unauthenticated error reply)" if self.sealer is not None else ""
+                reason = f"{msg.error.reason or 'error'}{sealed}"
+                self.record.add_failure(server_round, partition, reason, refused=False,
+                                        code=int(msg.error.code))  # fmt: skip
+                log.warning("round %d: partition %d failed: %s", server_round, partition, reason)
+            elif P.REFUSAL in msg.content:
+                refusal = msg.content[P.REFUSAL]
+                reason, code = str(refusal.get("reason", "")), int(refusal.get("code", 0))
+                self.record.add_failure(server_round, partition, reason, refused=True, code=code)
+                log.warning("round %d: partition %d refused: %s", server_round, partition, reason)
+            else:
+                results.append(msg)
+        return results
+
     # -- recording ----------------------------------------------------------------------
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -135,22 +182,16 @@ class RecordingFedAvg(FedAvg):
         # newest reply created (client's clock) → here: relaying + polling for replies
         created = [m.metadata.created_at for m in replies if m.metadata.created_at]
         self._record_dropped(server_round, replies)
-        replies = self._open(server_round, replies)
-        for msg in replies:
+        results = self._triage(server_round, self._accept(server_round, "train", replies))
+        for msg in results:
             partition = self.partition_of.get(msg.metadata.src_node_id, -1)
-            if msg.has_error():
-                refused = msg.error.code == P.PRIVACY_BUDGET_EXHAUSTED
-                self.record.add_failure(server_round, partition, msg.error.reason or "", refused)
-                log.warning(
-                    "round %d: partition %d %s: %s",
-                    server_round, partition, "refused" if refused else "failed", msg.error.reason,
+            client = ClientRound.from_metrics(partition, dict(msg.content[P.METRICS]))
+            if P.LEDGER in msg.content:
+                client.chain_id = self._ledger_entries(
+                    server_round, partition, msg.content[P.LEDGER].get(P.LEDGER_ENTRIES, [])
                 )
-            else:
-                metrics = dict(msg.content[P.METRICS])
-                self.record.add_client(server_round, ClientRound.from_metrics(partition, metrics))
-                if P.LEDGER in msg.content:
-                    self._ledger_entry(server_round, partition, msg.content[P.LEDGER]["entry"])
-        aggregated = super().aggregate_train(server_round, replies)
+            self.record.add_client(server_round, client)
+        aggregated = super().aggregate_train(server_round, results)
         done = time.perf_counter()
         timing = {"aggregate_s": done - started}
         if created:
@@ -169,36 +210,30 @@ class RecordingFedAvg(FedAvg):
             log.warning("round %d: partition %d: %s", server_round, partition, reason)
             self.record.add_failure(server_round, partition, reason, refused=False)
 
-    def _ledger_entry(self, server_round: int, partition: int, line: object) -> None:
-        """Keep the client's signed ledger entry as sent; the audit judges it."""
-        try:
-            entry = LedgerEntry.from_json_line(str(line))
-        except (ValueError, LedgerError) as err:
-            log.warning("round %d: partition %d sent a malformed ledger entry: %s",
-                        server_round, partition, err)  # fmt: skip
-            return
-        if (entry.round, entry.partition_id) != (server_round, partition):
-            log.warning("round %d: partition %d sent a ledger entry for round %d, partition %d",
-                        server_round, partition, entry.round, entry.partition_id)  # fmt: skip
-        self.record.add_ledger_entry(entry)
+    def _ledger_entries(self, server_round: int, partition: int, lines: object) -> str | None:
+        """Keep the holder's signed ledger entries as sent (the audit judges them); returns
+        the chain id of the newest one."""
+        chain_id = None
+        for line in lines if isinstance(lines, list) else [lines]:
+            try:
+                entry = LedgerEntry.from_json_line(str(line))
+            except (ValueError, LedgerError) as err:
+                log.warning("round %d: partition %d sent a malformed ledger entry: %s",
+                            server_round, partition, err)  # fmt: skip
+                continue
+            self.record.add_ledger_entry(entry)
+            chain_id = entry.chain_id
+        return chain_id
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        replies = self._open(server_round, replies)
-        client_eval_s: dict[int, float] = {}
-        for msg in replies:
-            if not msg.has_error() and P.METRICS in msg.content:
-                seconds = msg.content[P.METRICS].get(P.EVAL_SECONDS)
-                if seconds is not None:
-                    client_eval_s[self.partition_of.get(msg.metadata.src_node_id, -1)] = seconds
-        metrics = super().aggregate_evaluate(server_round, replies)
+        results = self._triage(server_round, self._accept(server_round, "evaluate", replies))
+        metrics = super().aggregate_evaluate(server_round, results)
         if metrics is not None:
             self.record.set_federated_evaluation(server_round, dict(metrics))
-        timing: dict[str, object] = {
-            "client_eval_s": {str(p): float(client_eval_s[p]) for p in sorted(client_eval_s)}
-        }
         if (phase_started := self._phase_started.pop(("evaluate", server_round), None)) is not None:
-            timing["evaluate_phase_s"] = time.perf_counter() - phase_started
-        self.record.add_timing(server_round, **timing)
+            self.record.add_timing(
+                server_round, evaluate_phase_s=time.perf_counter() - phase_started
+            )
         return metrics

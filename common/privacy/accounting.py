@@ -1,6 +1,7 @@
 """Privacy accounting that composes across every round a client trains in.
 
-A client keeps ONE accountant history for the whole run: a list of
+A data holder keeps ONE accountant history for its lifetime on a data set (every round of
+every run): a list of
 ``(noise_multiplier, sample_rate, steps)`` entries, exactly the state Opacus's accountants
 keep. Each round appends its steps; ε is always computed by the accountant over the whole
 history. Two things we never do, because both understate or misstate what was spent:
@@ -15,10 +16,8 @@ accountant fast (one FFT composition instead of one per round).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from functools import lru_cache
 
 from opacus.accountants import create_accountant
@@ -40,7 +39,11 @@ def sample_rate_for(num_examples: int, batch_size: int) -> float:
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
-    """Optimizer steps in one epoch of Opacus's Poisson loader (len of the batch loader)."""
+    """Optimizer steps in one epoch: k = ⌈n/B⌉, and q = 1/k. The sampler is built with
+    exactly k steps (``client.training.poisson_batches``); Opacus's own default,
+    ``int(1/q)``, is k − 1 for ~6% of k because 1/(1/k) rounds below k in floating point."""
+    if num_examples <= 0 or batch_size <= 0:
+        raise ValueError(f"n={num_examples}, B={batch_size}: both must be ≥ 1")
     return math.ceil(num_examples / batch_size)
 
 
@@ -119,75 +122,66 @@ def calibrate_noise(
         ) from None
 
 
-@dataclass
-class PrivacyAccount:
-    """One client's privacy state for one run: the plan and the composed history.
+def calibrate_noise_after(
+    history: Sequence[Mechanism],
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    total_steps: int,
+    accountant: str,
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """σ so that ``history`` followed by ``total_steps`` steps at ``sample_rate`` costs
+    ≤ ``target_epsilon`` in all (the lifetime total, not what the new steps add).
 
-    Serialises to JSON so it can live in Flower's ``context.state`` (and on disk) and a
-    restarted client continues from exactly where it was.
+    With no history this is Opacus's ``get_noise_multiplier``. With one, composition is not
+    additive, so σ is found the way Opacus finds it -- doubling, then bisection on the
+    composed ε -- but over the whole history; like Opacus it returns the upper end of the
+    final bracket, whose ε is ≤ the target.
     """
+    if not history:
+        return calibrate_noise(
+            target_epsilon=target_epsilon, target_delta=target_delta,
+            sample_rate=sample_rate, total_steps=total_steps, accountant=accountant,
+        )  # fmt: skip
+    return _calibrate_after(
+        tuple(merge_history(history)), float(target_epsilon), float(target_delta),
+        float(sample_rate), int(total_steps), _checked(accountant), epsilon_tolerance,
+    )  # fmt: skip
 
-    accountant: str
-    target_epsilon: float
-    target_delta: float
-    noise_multiplier: float
-    sample_rate: float
-    history: list[Mechanism] = field(default_factory=list)
 
-    def spent(self) -> float:
-        """Cumulative ε over every round trained so far."""
-        return epsilon_of(self.history, self.target_delta, self.accountant)
+@lru_cache(maxsize=256)
+def _calibrate_after(
+    history: tuple[Mechanism, ...],
+    target: float,
+    delta: float,
+    q: float,
+    steps: int,
+    accountant: str,
+    tolerance: float,
+) -> float:
+    def eps(sigma: float) -> float:
+        return epsilon_of([*history, (sigma, q, steps)], delta, accountant)
 
-    def epsilon_after(self, steps: int) -> float:
-        """Cumulative ε if ``steps`` more steps of this client's mechanism were taken."""
-        return epsilon_of(
-            [*self.history, (self.noise_multiplier, self.sample_rate, steps)],
-            self.target_delta,
-            self.accountant,
+    if epsilon_of(history, delta, accountant) >= target:
+        raise ValueError(
+            f"the budget ε={target} is already spent by earlier rounds: no σ can fit more steps"
         )
-
-    def check_round(self, steps: int) -> float:
-        """Refuse (raise) when ``steps`` more steps would cross the budget; else the new ε."""
-        after = self.epsilon_after(steps)
-        if after > self.target_epsilon:
-            raise PrivacyBudgetExceeded(
-                f"privacy budget exhausted: this round would raise ε from {self.spent():.4f} "
-                f"to {after:.4f}, over the budget ε={self.target_epsilon} at "
-                f"δ={self.target_delta:g}; the client refuses to train (start a new run or "
-                "give it a larger target-epsilon)"
-            )
-        return after
-
-    def record(self, steps: int) -> None:
-        """Append ``steps`` taken with this client's mechanism."""
-        self.history = merge_history(
-            [*self.history, (self.noise_multiplier, self.sample_rate, steps)]
-        )
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "accountant": self.accountant,
-                "target_epsilon": self.target_epsilon,
-                "target_delta": self.target_delta,
-                "noise_multiplier": self.noise_multiplier,
-                "sample_rate": self.sample_rate,
-                "history": [list(h) for h in self.history],
-            },
-            sort_keys=True,
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> PrivacyAccount:
-        data = json.loads(text)
-        return cls(
-            accountant=data["accountant"],
-            target_epsilon=float(data["target_epsilon"]),
-            target_delta=float(data["target_delta"]),
-            noise_multiplier=float(data["noise_multiplier"]),
-            sample_rate=float(data["sample_rate"]),
-            history=merge_history(data["history"]),
-        )
+    low, high = 0.0, 10.0
+    while eps(high) > target:
+        low, high = high, 2 * high
+        if high > 1e6:
+            raise ValueError(f"no σ ≤ 1e6 keeps ε ≤ {target} at δ={delta}")
+    while eps(high) < target - tolerance:
+        mid = (low + high) / 2
+        if eps(mid) > target:
+            low = mid
+        else:
+            high = mid
+        if high - low < 1e-6:
+            break
+    return high
 
 
 def _checked(accountant: str) -> str:

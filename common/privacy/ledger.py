@@ -1,39 +1,56 @@
-"""A signed, hash-chained privacy ledger: one line per client per round it trained.
+"""A data holder's signed, hash-chained privacy ledger: one entry per DP round it trains.
 
 Why a ledger when ``metrics.json`` already has ε: ``metrics.json`` is written by the server,
 and nothing in it lets a third party tell an honest record from an edited one. The ledger is
 written *by each client* about its own privacy spend, and every entry
 
-* names the raw mechanism (σ, q, steps, C, δ, accountant), so anyone can recompute ε from it
-  with an independent accountant instead of trusting the claimed number;
-* is chained to the client's previous entry by ``prev_hash``, so a dropped, duplicated or
-  reordered entry breaks the chain;
+* names the raw mechanism (σ, q, steps, C, δ, accountant) and what q and steps derive from
+  (the declared data set size n, the batch size B, the local epochs), so anyone can recompute
+  ε with an independent accountant instead of trusting the claimed number;
+* is chained to the holder's previous entry by ``prev_hash`` and numbered by ``seq``, so a
+  dropped, duplicated or reordered entry breaks the chain;
 * is signed by the client's Ed25519 key, so the server (which stores the ledger) cannot alter
   an entry, or write one, without the signature check failing.
 
+A chain is the holder's **lifetime** on one data set (its policy's ``dataset-id``), not one
+run: ``chain_id`` is random (made when the holder's state is created, so it reveals nothing
+about the data) and every run the holder trains in extends the same chain, so
+``epsilon_cumulative`` is the lifetime spend and ``run_id`` / ``round`` say where each entry
+was spent. The holder sends the server its whole chain once per run (the entries before the
+run with its first reply), so every run directory holds complete chains from genesis.
+
 Line format (``ledger.jsonl``, one JSON object per line, UTF-8)::
 
-    {"run_id": "1713...", "round": 3, "partition_id": 2, "node_id": "8731...",
-     "num_examples": 479, "sample_rate": 0.0667, "steps": 15, "noise_multiplier": 0.7367,
-     "max_grad_norm": 1.0, "delta": 1e-05, "accountant": "prv",
+    {"chain_id": "<32 hex>", "seq": 7, "dataset_id": "hospital-a-2026", "unit": "record",
+     "run_id": "1713...", "round": 3, "partition_id": 2, "node_id": "8731...",
+     "num_examples": 480, "batch_size": 32, "epochs": 1, "sample_rate": 0.0667, "steps": 15,
+     "noise_multiplier": 0.7367, "max_grad_norm": 1.0, "delta": 1e-05, "accountant": "prv",
      "epsilon_round": 0.86, "epsilon_cumulative": 6.58, "epsilon_budget": 8.0,
-     "time": "2025-01-01T12:00:00.000Z", "prev_hash": "<64 hex>", "kind": "client-dp-sgd",
-     "hash": "<64 hex>", "signer": "<16 hex Ed25519 key id or empty>",
+     "run_epsilon_budget": 8.0, "time": "2025-01-01T12:00:00.000Z", "prev_hash": "<64 hex>",
+     "kind": "client-dp-sgd", "hash": "<64 hex>", "signer": "<16 hex key id or empty>",
      "signature": "<base64 64 bytes or empty>"}
 
+* ``unit`` names the neighbouring relation the ε is in: ``record`` = add or remove one record
+  of this holder's data set.
+* ``num_examples`` is the size the holder *declares* (public by the holder's choice; see the
+  README's "Privacy accounting, precisely"): q = 1/⌈n/B⌉ and steps = epochs·⌈n/B⌉ derive from
+  it, so the audit can check them.
+* ``epsilon_budget`` is the holder's lifetime budget (its policy); ``run_epsilon_budget`` the
+  most this run could add, as the run asked and the policy allowed.
 * ``hash`` = SHA-256 (hex) of the *canonical JSON* of every field except ``hash`` and
   ``signature``: ``json.dumps(fields, sort_keys=True, separators=(",", ":"),
   ensure_ascii=False, allow_nan=False)`` encoded as UTF-8, ints as ints and the float fields as
   Python floats (so ``8`` and ``8.0`` hash alike; a reader coerces before hashing).
-* ``prev_hash`` = the ``hash`` of the same client's previous entry in this run, ``"0" * 64``
-  for its first one. A chain is identified by ``(run_id, partition_id)``.
-* ``signature`` = base64 Ed25519 signature over ``b"fedvault ledger v1\\0" || bytes.fromhex(hash)``
-  (the label keeps a ledger signature from ever being valid as any other fedvault signature).
-  ``signer`` is the client's Ed25519 key id; both are ``""`` when the client has no key.
+* ``prev_hash`` = the ``hash`` of the chain's previous entry, ``"0" * 64`` for ``seq`` 1.
+* ``signature`` = base64 Ed25519 signature over ``b"fedvault ledger v2\\0" || bytes.fromhex(hash)``
+  (the label keeps a ledger signature from ever being valid as any other fedvault signature,
+  or as a signature of the v1 format). ``signer`` is the client's Ed25519 key id; both are
+  ``""`` when the client has no key.
 
 What the ledger cannot show on its own: that the *last* entries of a chain were not dropped
 (a truncated chain is still a valid chain). The audit cross-checks the rounds in
-``metrics.json``; a client (or anyone holding its latest entry hash) can check the tail.
+``metrics.json`` and, given several runs, that every run's copy of a chain extends the
+others; the holder itself knows its head.
 """
 
 from __future__ import annotations
@@ -45,16 +62,18 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import secrets
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from common.privacy.accounting import ACCOUNTANTS
+from common.privacy.findings import Finding, where
 
 if TYPE_CHECKING:
     from common.crypto.keys import Identity
@@ -63,18 +82,14 @@ __all__ = [
     "GENESIS_HASH",
     "KIND_CLIENT_DP_SGD",
     "LEDGER_FILE",
+    "UNIT_RECORD",
     "ClientLedger",
-    "Finding",
     "LedgerEntry",
     "LedgerError",
     "append_ledger",
-    "chains",
-    "finding",
     "parse_ledger",
     "read_ledger",
     "utc_now",
-    "verify_chain",
-    "where",
     "write_ledger",
 ]
 
@@ -83,13 +98,14 @@ log = logging.getLogger("fedvault.ledger")
 LEDGER_FILE = "ledger.jsonl"
 KIND_CLIENT_DP_SGD = "client-dp-sgd"
 GENESIS_HASH = "0" * 64
-SIGNATURE_LABEL = b"fedvault ledger v1\x00"
+SIGNATURE_LABEL = b"fedvault ledger v2\x00"
+UNIT_RECORD = "record"  # neighbouring data sets differ by one record (add/remove)
 CLIENT_LEDGER_FORMAT = "fedvault-client-ledger"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
-Severity = Literal["error", "warning"]
-
-_INT_FIELDS = frozenset({"round", "partition_id", "num_examples", "steps"})
+_INT_FIELDS = frozenset(
+    {"seq", "round", "partition_id", "num_examples", "batch_size", "epochs", "steps"}
+)
 _FLOAT_FIELDS = frozenset(
     {
         "sample_rate",
@@ -99,6 +115,7 @@ _FLOAT_FIELDS = frozenset(
         "epsilon_round",
         "epsilon_cumulative",
         "epsilon_budget",
+        "run_epsilon_budget",
     }
 )
 _UNHASHED = ("hash", "signature")
@@ -119,17 +136,23 @@ def utc_now() -> str:
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One client's privacy spend for one round, with the mechanism that produced it.
+    """One holder's privacy spend for one round, with the mechanism that produced it.
 
     Frozen: an entry is evidence; "changing" one (``dataclasses.replace``) makes a new entry
     whose stored ``hash`` no longer matches, which is exactly what the audit must notice.
     """
 
+    chain_id: str
+    seq: int
+    dataset_id: str
+    unit: str
     run_id: str
     round: int
     partition_id: int
     node_id: str
     num_examples: int
+    batch_size: int
+    epochs: int
     sample_rate: float
     steps: int
     noise_multiplier: float
@@ -139,6 +162,7 @@ class LedgerEntry:
     epsilon_round: float
     epsilon_cumulative: float
     epsilon_budget: float
+    run_epsilon_budget: float
     time: str
     prev_hash: str
     kind: str = KIND_CLIENT_DP_SGD
@@ -243,211 +267,6 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# findings and chain verification
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One problem found in a ledger. ``message`` is one line naming client and round."""
-
-    severity: Severity
-    partition_id: int | None
-    round: int | None
-    message: str
-    code: str = ""
-
-    @property
-    def is_error(self) -> bool:
-        return self.severity == "error"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def where(partition_id: int | None, rounds: int | Sequence[int] | None = None) -> str:
-    """``client 2, round 3`` / ``client 2, rounds 1-4, 7`` / ``client 2`` -- message prefixes."""
-    parts = []
-    if partition_id is not None:
-        parts.append(f"client {partition_id}")
-    if isinstance(rounds, int):
-        parts.append(f"round {rounds}")
-    elif rounds:
-        parts.append(f"rounds {_ranges(rounds)}")
-    return ", ".join(parts) or "run"
-
-
-def finding(
-    severity: Severity,
-    code: str,
-    partition_id: int | None,
-    rounds: int | Sequence[int] | None,
-    text: str,
-) -> Finding:
-    """A :class:`Finding` whose message starts with :func:`where` (kept on one line)."""
-    first = rounds if isinstance(rounds, int) else (min(rounds) if rounds else None)
-    message = f"{where(partition_id, rounds)}: {' '.join(text.split())}"
-    return Finding(severity, partition_id, first, message, code)
-
-
-def _ranges(values: Sequence[int]) -> str:
-    ordered = sorted(set(values))
-    spans: list[str] = []
-    start = prev = ordered[0]
-    for value in [*ordered[1:], None]:
-        if value is not None and value == prev + 1:
-            prev = value
-            continue
-        spans.append(str(start) if start == prev else f"{start}-{prev}")
-        if value is not None:
-            start = prev = value
-    return ", ".join(spans)
-
-
-def chains(entries: Iterable[LedgerEntry]) -> dict[tuple[str, int], list[LedgerEntry]]:
-    """Entries grouped per ``(run_id, partition_id)`` chain, each in order of appearance."""
-    grouped: dict[tuple[str, int], list[LedgerEntry]] = {}
-    for entry in entries:
-        grouped.setdefault((entry.run_id, entry.partition_id), []).append(entry)
-    return grouped
-
-
-def verify_chain(
-    entries: Sequence[LedgerEntry],
-    public_key_by_signer: Mapping[str, Ed25519PublicKey] | None = None,
-) -> list[Finding]:
-    """Integrity of every chain in ``entries``: hashes, linkage, round order, signatures.
-
-    ``public_key_by_signer`` maps Ed25519 key ids to public keys. ``None`` means "no keys
-    given": signatures are then not checked (one warning per chain). With a mapping, a signer
-    missing from it is an error (the entry claims a key nobody vouched for), and an unsigned
-    entry is a warning: its integrity rests on the chain alone, not on the client.
-    """
-    findings: list[Finding] = []
-    for (_run_id, pid), chain in chains(entries).items():
-        findings.extend(_verify_one_chain(pid, chain, public_key_by_signer))
-    return findings
-
-
-def _verify_one_chain(
-    pid: int, chain: list[LedgerEntry], keys: Mapping[str, Ed25519PublicKey] | None
-) -> list[Finding]:
-    out: list[Finding] = []
-    unsigned: list[int] = []
-    unchecked: list[int] = []
-    prev: LedgerEntry | None = None
-    first_signer: str | None = None
-    for entry in chain:
-        r = entry.round
-        expected = entry.compute_hash()
-        if expected != entry.hash:
-            out.append(
-                finding(
-                    "error", "hash-mismatch", pid, r,
-                    f"hash mismatch (entry altered: its fields hash to {expected[:12]}…, "
-                    f"the stored hash is {entry.hash[:12] or '<empty>'}…)",
-                )
-            )
-        if prev is None:
-            if entry.prev_hash != GENESIS_HASH:
-                out.append(
-                    finding(
-                        "error", "chain-start", pid, r,
-                        f"first entry of the chain has prev_hash {entry.prev_hash[:12]}…, "
-                        "not all zeros: earlier entries of this client are missing",
-                    )
-                )
-        else:
-            if r <= prev.round:
-                out.append(
-                    finding(
-                        "error", "round-order", pid, r,
-                        f"round {r} follows round {prev.round}: rounds must strictly increase "
-                        "(lines reordered or duplicated)",
-                    )
-                )
-            if entry.prev_hash != prev.hash:
-                out.append(
-                    finding(
-                        "error", "chain-broken", pid, r,
-                        f"prev_hash does not match the entry before it (round {prev.round}): "
-                        "an entry is missing in between, or lines were reordered",
-                    )
-                )
-        out.extend(_check_signer(pid, entry, keys, first_signer, unsigned, unchecked))
-        if first_signer is None:
-            first_signer = entry.signer
-        prev = entry
-    if unsigned:
-        out.append(
-            finding(
-                "warning", "unsigned", pid, unsigned,
-                f"{len(unsigned)} unsigned entr{'y' if len(unsigned) == 1 else 'ies'}: "
-                "the client has no key, so nothing proves the client (not the server) wrote them",
-            )
-        )
-    if unchecked:
-        out.append(
-            finding(
-                "warning", "signature-unchecked", pid, unchecked,
-                "signatures not verified: no client public keys given "
-                "(pass the clients' public.json files)",
-            )
-        )
-    return out
-
-
-def _check_signer(
-    pid: int,
-    entry: LedgerEntry,
-    keys: Mapping[str, Ed25519PublicKey] | None,
-    first_signer: str | None,
-    unsigned: list[int],
-    unchecked: list[int],
-) -> list[Finding]:
-    r = entry.round
-    out: list[Finding] = []
-    if first_signer is not None and entry.signer != first_signer:
-        out.append(
-            finding(
-                "error", "signer-changed", pid, r,
-                f"signer changed from {first_signer or '<none>'} to {entry.signer or '<none>'} "
-                "within the chain: another key wrote this entry",
-            )
-        )
-    if not entry.signer and not entry.signature:
-        unsigned.append(r)
-        return out
-    if not entry.signer or not entry.signature:
-        out.append(
-            finding(
-                "error", "signature-incomplete", pid, r,
-                "entry has a signer without a signature or a signature without a signer",
-            )
-        )
-        return out
-    if keys is None:
-        unchecked.append(r)
-        return out
-    key = keys.get(entry.signer)
-    if key is None:
-        out.append(
-            finding(
-                "error", "unknown-signer", pid, r,
-                f"signed by unknown key id {entry.signer}: no public key given for it",
-            )
-        )
-    elif not entry.signature_valid(key):
-        out.append(
-            finding(
-                "error", "bad-signature", pid, r,
-                f"signature by key {entry.signer} is invalid: forged, or the entry was altered "
-                "and re-hashed",
-            )
-        )
-    return out
-
-
-# --------------------------------------------------------------------------------------------
 # files
 
 
@@ -533,28 +352,26 @@ def append_ledger(path: str | os.PathLike[str], entries: Iterable[LedgerEntry]) 
 
 
 class ClientLedger:
-    """One client's chain for one run: it appends an entry per round it trains.
+    """One holder's lifetime chain on one data set: it appends an entry per DP round trained.
 
-    The client keeps it (``to_json`` into Flower's ``context.state``, or ``save`` to disk),
-    so it can always extend its own chain and hand the newest entry to the server.
+    The holder keeps it (``to_json``, saved with its account in its own state), so it can
+    always extend its own chain, in any later run, and hand the new entries to the server.
     """
 
     def __init__(
         self,
-        run_id: str,
-        partition_id: int,
-        node_id: str = "",
+        dataset_id: str,
+        chain_id: str | None = None,
         entries: Iterable[LedgerEntry] = (),
     ) -> None:
-        self.run_id = str(run_id)
-        self.partition_id = int(partition_id)
-        self.node_id = str(node_id)
+        self.dataset_id = str(dataset_id)
+        # random, so the id that travels with every entry says nothing about the data
+        self.chain_id = chain_id or secrets.token_hex(16)
         self._entries: list[LedgerEntry] = list(entries)
         for entry in self._entries:
-            if (entry.run_id, entry.partition_id) != (self.run_id, self.partition_id):
+            if entry.chain_id != self.chain_id:
                 raise LedgerError(
-                    f"entry for run {entry.run_id}, client {entry.partition_id} does not belong "
-                    f"to the ledger of run {self.run_id}, client {self.partition_id}"
+                    f"entry of chain {entry.chain_id} does not belong to chain {self.chain_id}"
                 )
 
     @property
@@ -575,8 +392,13 @@ class ClientLedger:
     def append(
         self,
         *,
+        run_id: str,
         round: int,
+        partition_id: int,
+        node_id: str,
         num_examples: int,
+        batch_size: int,
+        epochs: int,
         sample_rate: float,
         steps: int,
         noise_multiplier: float,
@@ -585,8 +407,8 @@ class ClientLedger:
         accountant: str,
         epsilon_cumulative: float,
         epsilon_budget: float,
+        run_epsilon_budget: float,
         signer: Identity | None,
-        node_id: str | None = None,
         kind: str = KIND_CLIENT_DP_SGD,
         time: str | None = None,
     ) -> LedgerEntry:
@@ -597,10 +419,10 @@ class ClientLedger:
         accountant, which would understate what composition costs).
         """
         last = self.last
-        if last is not None and round <= last.round:
+        if last is not None and last.run_id == str(run_id) and round <= last.round:
             raise LedgerError(
-                f"client {self.partition_id}: round {round} cannot follow round {last.round} "
-                "in the ledger (rounds strictly increase)"
+                f"run {run_id}: round {round} cannot follow round {last.round} in the ledger "
+                "(rounds of a run strictly increase)"
             )
         if accountant not in ACCOUNTANTS:
             raise LedgerError(f"accountant must be one of {list(ACCOUNTANTS)}, got {accountant!r}")
@@ -608,17 +430,21 @@ class ClientLedger:
         previous = last.epsilon_cumulative if last is not None else 0.0
         if not math.isfinite(epsilon_cumulative) or epsilon_cumulative < previous:
             raise LedgerError(
-                f"client {self.partition_id}, round {round}: cumulative ε {epsilon_cumulative} "
-                f"is below the previous {previous} (ε never decreases)"
+                f"run {run_id}, round {round}: cumulative ε {epsilon_cumulative} is below the "
+                f"previous {previous} (ε never decreases)"
             )
-        if node_id is not None:
-            self.node_id = str(node_id)
         entry = LedgerEntry(
-            run_id=self.run_id,
+            chain_id=self.chain_id,
+            seq=len(self._entries) + 1,
+            dataset_id=self.dataset_id,
+            unit=UNIT_RECORD,
+            run_id=str(run_id),
             round=int(round),
-            partition_id=self.partition_id,
-            node_id=self.node_id,
+            partition_id=int(partition_id),
+            node_id=str(node_id),
             num_examples=int(num_examples),
+            batch_size=int(batch_size),
+            epochs=int(epochs),
             sample_rate=float(sample_rate),
             steps=int(steps),
             noise_multiplier=float(noise_multiplier),
@@ -628,6 +454,7 @@ class ClientLedger:
             epsilon_round=float(epsilon_cumulative) - previous,
             epsilon_cumulative=float(epsilon_cumulative),
             epsilon_budget=float(epsilon_budget),
+            run_epsilon_budget=float(run_epsilon_budget),
             time=time or utc_now(),
             prev_hash=last.hash if last is not None else GENESIS_HASH,
             kind=kind,
@@ -641,9 +468,8 @@ class ClientLedger:
             {
                 "format": CLIENT_LEDGER_FORMAT,
                 "version": FORMAT_VERSION,
-                "run_id": self.run_id,
-                "partition_id": self.partition_id,
-                "node_id": self.node_id,
+                "dataset_id": self.dataset_id,
+                "chain_id": self.chain_id,
                 "entries": [e.to_dict() for e in self._entries],
             },
             ensure_ascii=False,
@@ -662,28 +488,13 @@ class ClientLedger:
         if data.get("version") != FORMAT_VERSION:
             raise LedgerError(f"unsupported client ledger version {data.get('version')!r}")
         entries = [LedgerEntry.from_dict(e) for e in data.get("entries", [])]
-        ledger = cls(data["run_id"], data["partition_id"], data.get("node_id", ""), entries)
-        ledger._check_intact()
-        return ledger
-
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the chain as ``ledger.jsonl`` lines, atomically (temp file + ``os.replace``)."""
-        return write_ledger(path, self._entries)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> ClientLedger:
-        """Read a file written by :meth:`save` (one chain, intact)."""
-        entries, problems = read_ledger(path)
-        if problems:
-            raise LedgerError(f"{path}: {problems[0].message}")
-        if not entries:
-            raise LedgerError(f"{path}: the ledger file has no entries")
-        first = entries[0]
-        ledger = cls(first.run_id, first.partition_id, entries[-1].node_id, entries)
+        ledger = cls(data["dataset_id"], data["chain_id"], entries)
         ledger._check_intact()
         return ledger
 
     def _check_intact(self) -> None:
+        from common.privacy.verification import verify_chain
+
         errors = [f for f in verify_chain(self._entries, None) if f.is_error]
         if errors:
             raise LedgerError(f"client ledger is not intact: {errors[0].message}")
