@@ -10,7 +10,7 @@ import time
 import pytest
 
 from common.crypto.keys import init_identity
-from common.privacy.accounting import PrivacyAccount, epsilon_of
+from common.privacy.accounting import epsilon_of
 from common.privacy.ledger import LEDGER_FILE, LedgerEntry
 from common.report.audit import audit_run
 from common.report.cli import EXIT_AUDIT_FAILED, EXIT_OK, cmd_audit
@@ -35,9 +35,9 @@ def recomputer():
 
 def _run(tmp_path, identities, recomputer, accountant="prv", **kwargs):
     """A signed run: 3 clients × 4 rounds of σ=1.0, q=0.05, 40 steps; keys in run/keys."""
-    params = {"clients": CLIENTS, "rounds": ROUNDS, "sigma": SIGMA, "sample_rate": Q,
-              "steps": STEPS, "delta": DELTA, "accountant": accountant, "budget": 8.0,
-              **kwargs}  # fmt: skip
+    params = {"clients": CLIENTS, "rounds": ROUNDS, "sigma": SIGMA, "num_examples": 800,
+              "batch_size": 40, "epochs": 2, "delta": DELTA, "accountant": accountant,
+              "budget": 8.0, **kwargs}  # fmt: skip
     run = write_synthetic_run(
         tmp_path / "run", signers=identities, recomputer=recomputer, **params
     )
@@ -59,12 +59,8 @@ def _errors(result, code=None):
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_honest_signed_run_passes(accountant, tmp_path, identities, recomputer):
     run = _run(tmp_path, identities, recomputer, accountant)
-    # the ledger's claims are exactly what the client's own PrivacyAccount computes
-    account = PrivacyAccount(accountant, 8.0, DELTA, SIGMA, Q)
-    honest = []
-    for _ in range(ROUNDS):
-        honest.append(account.check_round(STEPS))
-        account.record(STEPS)
+    # the ledger's claims are exactly what the client's own accountant computes
+    honest = [epsilon_of([(SIGMA, Q, STEPS)] * r, DELTA, accountant) for r in range(1, 5)]
     for entry in _ledger(run):
         assert entry.epsilon_cumulative == honest[entry.round - 1]
         assert entry.signature and entry.signer

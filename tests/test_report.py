@@ -139,7 +139,7 @@ def test_run_without_ledger_uses_metrics(tmp_path, recomputer):
 def test_mechanism_warnings(tmp_path, recomputer):
     # 30 examples, δ = 0.05 ≥ 1/30, q = 1: the whole data set every step
     run = write_synthetic_run(
-        tmp_path / "weak", clients=2, rounds=2, num_examples=30, sample_rate=1.0, steps=1,
+        tmp_path / "weak", clients=2, rounds=2, num_examples=30, batch_size=30, epochs=1,
         sigma=2.0, delta=0.05, budget=50.0, recomputer=recomputer,
     )  # fmt: skip
     report = json.loads(write_report(run)["json"].read_text())

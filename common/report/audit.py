@@ -42,15 +42,9 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from common.privacy.accounting import ACCOUNTANTS, merge_history
-from common.privacy.ledger import (
-    KIND_CLIENT_DP_SGD,
-    LEDGER_FILE,
-    Finding,
-    LedgerEntry,
-    chains,
-    finding,
-    verify_chain,
-)
+from common.privacy.findings import Finding, finding
+from common.privacy.ledger import KIND_CLIENT_DP_SGD, LEDGER_FILE, LedgerEntry
+from common.privacy.verification import chains, verify_chain
 from common.report.checks import mechanism_warnings
 from common.report.keys import ClientKeys, load_client_keys
 from common.report.recompute import BoundRequest, Recomputer, request_key
@@ -240,16 +234,8 @@ def _audit_ledger(
             if request is not None:
                 requests.append(request)
         rec.prefetch(requests, workers)
-    for (run_id, pid), chain in grouped.items():
-        first = chain[0].round
-        if run_id != data.run_id:
-            out.append(
-                finding(
-                    "error", "wrong-run", pid, first,
-                    f"entries belong to run {run_id}, not this run ({data.run_id}): a chain "
-                    "copied from another run",
-                )
-            )
+    for chain in grouped.values():
+        pid = chain[-1].partition_id
         if keys is not None:
             out.extend(_key_binding(pid, chain, keys))
         out.extend(_audit_claims(pid, chain, config, rec, tolerance, checks))
@@ -289,7 +275,7 @@ def _audit_claims(
                 f"entries of kind {', '.join(other_kinds)} are not audited by this version",
             )
         )
-    entries = sorted((e for e in chain if e.kind == KIND_CLIENT_DP_SGD), key=lambda e: e.round)
+    entries = sorted((e for e in chain if e.kind == KIND_CLIENT_DP_SGD), key=lambda e: e.seq)
     if not entries:
         return out
     out.extend(_config_consistency(pid, entries, config))
@@ -428,7 +414,7 @@ def _budgets(chain: list[LedgerEntry], config: Mapping[str, Any]) -> list[float]
 
 def _claim_chain(chain: list[LedgerEntry], out: list[Finding]) -> list[LedgerEntry]:
     """A chain's client-DP-SGD entries in round order, up to the first invalid mechanism."""
-    entries = sorted((e for e in chain if e.kind == KIND_CLIENT_DP_SGD), key=lambda e: e.round)
+    entries = sorted((e for e in chain if e.kind == KIND_CLIENT_DP_SGD), key=lambda e: e.seq)
     if not entries:
         return []
     return _valid_prefix(entries[0].partition_id, entries, out)

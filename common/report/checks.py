@@ -8,7 +8,7 @@ These are warnings, not audit failures: the accounting is right, the protection 
 
 from __future__ import annotations
 
-from common.privacy.ledger import Finding, finding
+from common.privacy.findings import Finding, finding
 
 
 def mechanism_warnings(

@@ -14,7 +14,8 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
-from common.privacy.ledger import KIND_CLIENT_DP_SGD, LEDGER_FILE, Finding, LedgerEntry
+from common.privacy.findings import Finding
+from common.privacy.ledger import KIND_CLIENT_DP_SGD, LEDGER_FILE, LedgerEntry
 from common.report.audit import AuditResult
 from common.report.checks import budget_warning, mechanism_warnings
 from common.report.rundata import RunData
@@ -67,6 +68,12 @@ def _ledger_by_client(entries: list[LedgerEntry], run_id: str) -> dict[int, list
     return {pid: sorted(es, key=lambda e: e.round) for pid, es in sorted(grouped.items())}
 
 
+def _refused(failure: dict[str, Any]) -> bool:
+    """A refusal (the client's budget or policy), not a failure: ``refused`` (v2) or
+    ``refused_budget`` (older metrics.json)."""
+    return bool(failure.get("refused") or failure.get("refused_budget"))
+
+
 def _budget(data: RunData) -> float | None:
     value = data.config.get("target-epsilon")
     return float(value) if data.dp and isinstance(value, int | float) else None
@@ -83,7 +90,7 @@ def _clients(data: RunData, ledger: dict[int, list[LedgerEntry]]) -> list[dict[s
             trained[int(c["partition_id"])].append({**c, "round": rec["round"]})
         for f in rec.get("failures") or []:
             pid = int(f["partition_id"])
-            if f.get("refused_budget"):
+            if _refused(f):
                 refusals[pid] += 1
             else:
                 failures[pid] += 1
@@ -158,8 +165,8 @@ def _rounds(data: RunData, ledger: dict[int, list[LedgerEntry]]) -> list[dict[st
                 "max_epsilon": max(latest.values()) if latest else rec.get("max_epsilon"),
                 "sampled": len(rec.get("sampled") or []),
                 "trained": len(rec.get("clients") or []),
-                "refused": sum(1 for f in failures if f.get("refused_budget")),
-                "failed": sum(1 for f in failures if not f.get("refused_budget")),
+                "refused": sum(1 for f in failures if _refused(f)),
+                "failed": sum(1 for f in failures if not _refused(f)),
                 "epsilon_by_client": {str(p): v for p, v in sorted(eps_at.get(r, {}).items())},
             }
         )

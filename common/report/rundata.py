@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from common.logs import one_line
-from common.privacy.ledger import LEDGER_FILE, Finding, LedgerEntry, read_ledger
+from common.privacy.findings import Finding
+from common.privacy.ledger import LEDGER_FILE, LedgerEntry, read_ledger
 
 log = logging.getLogger("fedvault.report.rundata")
 
