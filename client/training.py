@@ -88,8 +88,11 @@ def poisson_batches(
     sampler = UniformWithReplacementSampler(
         num_samples=len(data), sample_rate=sample_rate, generator=generator, steps=steps
     )
-    return DataLoader(
-        _batches_of(data, channels_last), batch_sampler=sampler, collate_fn=_as_gathered
+    return DataLoader(  # the generator also as DPDataLoader passes it: the same draws
+        _batches_of(data, channels_last),
+        batch_sampler=sampler,
+        collate_fn=_as_gathered,
+        generator=generator,
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -27,8 +28,9 @@ from typing import Any
 import tomli_w
 
 from common.config import ConfigError, RunConfig
-from common.federation_keys import provision
+from common.federation_keys import client_dir, provision
 from common.paths import default_cache_dir
+from common.privacy.policy import POLICY_FILE, PrivacyPolicy
 from common.scenarios import PROJECT_ROOT, Scenario
 
 log = logging.getLogger("fedvault.simulate")
@@ -76,7 +78,7 @@ def build_run_config(
     merged = {**scenario.run_config, **overrides}
     if output_dir is not None:
         merged["output-dir"] = str(output_dir)
-    for key in ("output-dir", "data-dir"):
+    for key in ("output-dir", "data-dir", "keys-dir", "encrypted-data-dir"):
         value = merged.get(key, RunConfig().to_mapping()[key])
         if value:
             merged[key] = str(Path(str(value)).expanduser().resolve())
@@ -107,11 +109,7 @@ def run_scenario(
             f"{supernodes} clients but min-train-nodes={min_nodes}: raise --num-clients or "
             f"--set min-train-nodes={supernodes}"
         )
-    if run_config.get("encrypt-updates") and not run_config.get("keys-dir"):
-        # A simulation's parties all live here: give them identities next to the results.
-        keys_dir = out_dir / "keys"
-        provision(keys_dir, supernodes)
-        run_config["keys-dir"] = str(keys_dir)
+    run_config["keys-dir"] = str(simulated_holders(run_config, out_dir, supernodes))
     flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
     with tempfile.NamedTemporaryFile("wb", suffix=".toml", delete=False) as f:
         tomli_w.dump(run_config, f)
@@ -154,6 +152,49 @@ def run_scenario(
     final_log = run_dir / "simulation.log"
     log_file.replace(final_log)
     return SimulationResult(run_id, run_dir, final_log, seconds)
+
+
+def simulated_holders(run_config: dict[str, Any], out_dir: Path, num_clients: int) -> Path:
+    """The simulated data holders: ``client-<i>/`` with identity, ``policy.toml`` and (once
+    they train) ``state/``, plus ``server/``.
+
+    With run-config ``keys-dir`` that federation is kept: its holders' lifetime budgets carry
+    over from run to run, as real holders' would, and a policy already there is the holder's
+    own and is never rewritten. Without it every run gets a fresh federation in
+    ``<output-dir>/federations/`` -- fresh holders whose lifetime starts with this run.
+    """
+    if run_config.get("keys-dir"):
+        keys_dir = Path(run_config["keys-dir"])
+        log.info("simulated holders: %s (kept: lifetime budgets continue)", keys_dir)
+    else:
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+        keys_dir = out_dir / "federations" / stamp
+        log.info(
+            "simulated holders: %s (new; pass --set keys-dir=%s to keep them, and their "
+            "spent budgets, for the next run)", keys_dir, keys_dir,
+        )  # fmt: skip
+    provision(keys_dir, num_clients)
+    cfg = RunConfig.from_mapping(run_config)
+    for i in range(num_clients):
+        path = client_dir(keys_dir, i) / POLICY_FILE
+        if not path.exists():
+            simulated_policy(cfg, i).save(path)
+    return keys_dir
+
+
+def simulated_policy(cfg: RunConfig, partition_id: int) -> PrivacyPolicy:
+    """What a simulated holder agrees to: the scenario's budget as its lifetime budget, DP and
+    sealing as the scenario has them. It releases federated evaluation, because a simulated
+    holder's data is a slice of a public data set; a real holder decides that itself."""
+    return PrivacyPolicy(
+        dataset_id=f"{cfg.dataset}-partition-{partition_id}",
+        lifetime_epsilon=cfg.target_epsilon,
+        delta=cfg.target_delta,
+        accountant=cfg.accountant,
+        require_dp=cfg.dp,
+        require_sealing=cfg.encrypt_updates,
+        release_evaluation=True,
+    )
 
 
 def _worth_showing(line: str) -> bool:

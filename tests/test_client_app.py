@@ -9,6 +9,7 @@ from common import protocol as P
 from common.config import ConfigError
 from common.models import build_model
 from common.privacy.accounting import epsilon_of
+from common.privacy.policy import PrivacyPolicy
 
 RUN_CONFIG = {"num-server-rounds": 2, "target-epsilon": 8.0, "batch-size": 32}
 
@@ -48,9 +49,31 @@ def test_epsilon_composes_across_rounds_and_the_budget_is_refused_after():
     assert metrics[1][P.ROUND_EPSILON] == pytest.approx(spent_in_round_2)
     # the planned run used the budget; a third round would cross it and is refused
     refused = app(_message(model, 3), context)
-    assert refused.has_error()
-    assert refused.error.code == P.PRIVACY_BUDGET_EXHAUSTED
-    assert "privacy budget exhausted" in refused.error.reason
+    assert not refused.has_error() and set(refused.content) == {P.REFUSAL}
+    assert refused.content[P.REFUSAL]["code"] == P.PRIVACY_BUDGET_EXHAUSTED
+    assert "privacy budget exhausted" in refused.content[P.REFUSAL]["reason"]
+
+
+def test_nothing_computed_from_private_data_leaves_unaccounted():
+    """Before: train-loss (moved from 1.39 to 17-59 by one outlier record) and the exact
+    size went to the server. Now: the declared size, the mechanism and its ε, the ledger."""
+    model = build_model("lenet5", 10)
+    reply = app(_message(model, 1), _context())
+    assert set(reply.content) == {P.ARRAYS, P.METRICS, P.LEDGER}
+    assert set(reply.content[P.METRICS]) == {
+        P.NUM_EXAMPLES, P.PARTITION_ID, P.EPSILON, P.ROUND_EPSILON, P.NOISE_MULTIPLIER,
+        P.SAMPLE_RATE, P.STEPS, P.MAX_GRAD_NORM, P.DELTA,
+    }  # fmt: skip
+
+
+def test_the_declared_size_is_what_the_server_sees(tmp_path):
+    policy = tmp_path / "policy.toml"
+    PrivacyPolicy(declared_examples=500).save(policy)
+    context = _context()
+    context.node_config["policy"] = str(policy)
+    reply = app(_message(build_model("lenet5", 10), 1), context)
+    metrics = reply.content[P.METRICS]
+    assert metrics[P.NUM_EXAMPLES] == 500 and metrics[P.SAMPLE_RATE] == 1 / 16
 
 
 def test_the_update_is_trained_weights_not_the_global_ones():
@@ -61,20 +84,31 @@ def test_the_update_is_trained_weights_not_the_global_ones():
     assert changed == list(model.state_dict())
 
 
-def test_no_dp_reports_no_epsilon():
+def test_no_dp_is_refused_unless_the_holder_allows_it(tmp_path):
+    """Before: dp = false in the run config was simply obeyed."""
     model = build_model("lenet5", 10)
-    reply = app(_message(model, 1), _context({**RUN_CONFIG, "dp": False}))
-    metrics = dict(reply.content[P.METRICS])
+    refused = app(_message(model, 1), _context({**RUN_CONFIG, "dp": False}))
+    assert refused.content[P.REFUSAL]["code"] == P.POLICY_REFUSED
+    assert "require-dp = true" in refused.content[P.REFUSAL]["reason"]
+    policy = tmp_path / "policy.toml"
+    PrivacyPolicy(require_dp=False).save(policy)
+    context = _context({**RUN_CONFIG, "dp": False})
+    context.node_config["policy"] = str(policy)
+    metrics = dict(app(_message(model, 1), context).content[P.METRICS])
     assert P.EPSILON not in metrics and metrics[P.NUM_EXAMPLES] > 0
 
 
-def test_evaluate_and_query_handlers():
+def test_evaluate_and_query_handlers(tmp_path):
     model = build_model("lenet5", 10)
     context = _context(partition=2)
+    refused = app(_message(model, 1, MessageType.EVALUATE), context)
+    assert "release-evaluation = false" in refused.content[P.REFUSAL]["reason"]
+    policy = tmp_path / "policy.toml"
+    PrivacyPolicy(release_evaluation=True).save(policy)
+    context.node_config["policy"] = str(policy)
     evaluation = app(_message(model, 1, MessageType.EVALUATE), context)
     metrics = dict(evaluation.content[P.METRICS])
     assert 0.0 <= metrics[P.EVAL_ACCURACY] <= 1.0 and metrics[P.PARTITION_ID] == 2
-    assert 0.0 < metrics[P.EVAL_SECONDS] < 60.0
     query = Message(RecordDict(), dst_node_id=7, message_type=MessageType.QUERY)
     info = app(query, context).content[P.NODE_INFO]
     assert info[P.PARTITION_ID] == 2 and info["num-partitions"] == 3
@@ -90,11 +124,12 @@ def test_malformed_config_fails_naming_the_key_and_the_fix():
 def test_restarted_client_continues_its_epsilon_from_disk(tmp_path):
     """A new process (fresh Context, empty state) resumes the accountant history from
     state-dir: ε continues instead of restarting at zero."""
-    from common.federation_keys import provision
+    from common.federation_keys import client_dir, provision
 
     keys = provision(tmp_path / "keys", 1)
-    config = {**RUN_CONFIG, "num-server-rounds": 3, "keys-dir": str(keys)}
-    node_config = {"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "st")}
+    config = {**RUN_CONFIG, "num-server-rounds": 3}
+    node_config = {"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "st"),
+                   "key-dir": str(client_dir(keys, 0))}  # fmt: skip
     model = build_model("lenet5", 10)
 
     def fresh_context():
@@ -102,7 +137,7 @@ def test_restarted_client_continues_its_epsilon_from_disk(tmp_path):
                        run_config=dict(config))  # fmt: skip
 
     first = dict(app(_message(model, 1), fresh_context()).content[P.METRICS])
-    state_file = tmp_path / "st" / "run-9.state"
+    state_file = tmp_path / "st" / "default.privacy-state"  # keyed by data set, not run
     assert state_file.read_bytes()[:4] == b"FVD1"  # encrypted at rest
     after_restart = dict(app(_message(model, 2), fresh_context()).content[P.METRICS])
     sigma, q, steps = first[P.NOISE_MULTIPLIER], first[P.SAMPLE_RATE], first[P.STEPS]

@@ -2,22 +2,28 @@
 side, the server's sealer on the other, real keys, real Flower messages."""
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 
 from client.app import app
 from common import envelope
 from common import protocol as P
-from common.federation_keys import client_publics, provision, server_dir
+from common.federation_keys import client_dir, client_publics, provision, server_dir
 from common.federation_keys import load_own as load_identity
 from common.models import build_model
+from common.privacy.policy import POLICY_FILE, PrivacyPolicy
+from server.run_record import RunRecord
 from server.sealing import ServerSealer
+from server.strategy import RecordingFedAvg
 
 NODE, OTHER_NODE, RUN = 7, 8, 1
 
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
-    return provision(tmp_path_factory.mktemp("keys"), 2)
+    keys = provision(tmp_path_factory.mktemp("keys"), 2)
+    for pid in (0, 1):  # these holders allow training without DP (the messages are the point)
+        PrivacyPolicy(require_dp=False).save(client_dir(keys, pid) / POLICY_FILE)
+    return keys
 
 
 @pytest.fixture
@@ -26,12 +32,12 @@ def sealer(keys):
     return ServerSealer(RUN, load_identity(server_dir(keys)), client_publics(keys), partitions.get)
 
 
-def _context(keys, partition=0, node=NODE):
+def _context(keys, partition=0, node=NODE, encrypt=True):
     return Context(
         run_id=RUN, node_id=node,
         node_config={"partition-id": partition, "num-partitions": 2},
         state=RecordDict(),
-        run_config={"encrypt-updates": True, "keys-dir": str(keys), "dp": False},
+        run_config={"encrypt-updates": encrypt, "keys-dir": str(keys), "dp": False},
     )  # fmt: skip
 
 
@@ -110,3 +116,57 @@ def test_client_refuses_a_replayed_global_model(sealer, keys):
 def test_client_refuses_an_unsigned_global_model(keys):
     reply = app(_train_message(1), _context(keys))
     assert reply.has_error() and "not signed" in reply.error.reason
+
+
+def test_a_client_that_pinned_the_servers_key_refuses_a_run_without_sealing(keys):
+    """The run config says encrypt-updates = false; the holder pinned the server's key, so
+    it still demands a signed global model and never replies in plaintext."""
+    reply = app(_train_message(1), _context(keys, encrypt=False))
+    assert reply.has_error() and "pinned the server's key" in reply.error.reason
+    assert "encrypt-updates = false" in reply.error.reason
+
+
+def _strategy(tmp_path, sealer, sampled=(0, 1)):
+    record = RunRecord(tmp_path, config={}, summary={})
+    strategy = RecordingFedAvg(seed=0, record=record, min_train_nodes=1)
+    strategy.partition_of = {NODE: 0, OTHER_NODE: 1}
+    strategy.sealer = sealer
+    record.start_round(1, list(sampled))
+    return strategy, record
+
+
+def test_a_duplicated_sealed_reply_is_aggregated_once(sealer, keys, tmp_path):
+    """The same sealed reply delivered twice (a replay within the round) counts once."""
+    reply = _round_trip(sealer, keys)
+    duplicate = Message(RecordDict(dict(reply.content)), reply_to=_train_message(1))
+    strategy, record = _strategy(tmp_path, sealer, sampled=[0])
+    arrays, _ = strategy.aggregate_train(1, [reply, duplicate])
+    assert arrays is not None
+    assert [c.partition_id for c in record.rounds[1].clients] == [0]
+
+
+def test_an_unsigned_error_reply_is_not_taken_as_a_refusal(sealer, keys, tmp_path):
+    """Anyone on the path can forge a Flower error reply; only a sealed refusal is the
+    holder's word. A forged "budget exhausted" is recorded as a failure, not a refusal."""
+    forged = Message(
+        Error(P.PRIVACY_BUDGET_EXHAUSTED, "privacy budget exhausted (forged)"),
+        reply_to=_train_message(1, node=OTHER_NODE),
+    )
+    strategy, record = _strategy(tmp_path, sealer)
+    strategy.aggregate_train(1, [_round_trip(sealer, keys), forged])
+    (failure,) = record.rounds[1].failures
+    assert failure["partition_id"] == 1 and failure["refused"] is False
+    assert "unauthenticated" in failure["reason"]
+
+
+def test_a_sealed_refusal_is_recorded_as_the_holders_refusal(sealer, keys, tmp_path):
+    context = _context(keys)
+    context.run_config = {**context.run_config, "dp": True, "target-delta": 1e-3}
+    (msg,) = sealer.protect([_train_message(1)], 1)
+    reply = app(msg, context)
+    assert set(reply.content) == {envelope.ENVELOPE}  # the refusal is sealed too
+    strategy, record = _strategy(tmp_path, sealer, sampled=[0])
+    strategy.aggregate_train(1, [reply])
+    (failure,) = record.rounds[1].failures
+    assert failure["refused"] is True and failure["code"] == P.POLICY_REFUSED
+    assert "δ=0.001" in failure["reason"]

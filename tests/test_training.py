@@ -10,7 +10,7 @@ from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.training import DPSettings, batch_loader, train_local
+from client.training import DPSettings, batch_loader, poisson_batches, train_local
 
 
 def _data(n: int = 40, features: int = 5, classes: int = 3) -> TensorDataset:
@@ -31,10 +31,8 @@ def test_batched_loader_gives_the_same_batches_as_per_example_loading():
 
 def test_poisson_loader_over_batched_data_matches_and_keeps_empty_draws_shaped():
     data = _data(n=30)
-    ours = DPDataLoader.from_data_loader(batch_loader(data, 1, torch.Generator().manual_seed(3)))
-    stock = DPDataLoader.from_data_loader(
-        DataLoader(data, batch_size=1, generator=torch.Generator().manual_seed(3))
-    )
+    ours = poisson_batches(data, 1 / 30, 30, torch.Generator().manual_seed(3))
+    stock = DPDataLoader(data, sample_rate=1 / 30, generator=torch.Generator().manual_seed(3))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pairs = list(zip(ours, stock, strict=True))
@@ -70,7 +68,7 @@ def test_dp_step_is_the_mean_of_clipped_per_example_gradients(mode):
             e += g * (clip / norm)
 
     result = train_local(model, data, epochs=1, batch_size=12, learning_rate=1.0,
-                         dp=DPSettings(0.0, clip, "rdp", mode))  # fmt: skip
+                         dp=DPSettings(0.0, clip, 1.0, 1, "rdp", mode))  # fmt: skip
     assert result.mechanism == (0.0, 1.0, 1)
     for p, b, e in zip(model.parameters(), before, expected, strict=True):
         torch.testing.assert_close(b - p.detach(), e / 12, rtol=1e-4, atol=1e-6)
@@ -81,7 +79,7 @@ def test_dp_training_records_the_mechanism_and_adds_noise(mode):
     data = _data(n=64)
     a, b = nn.Linear(5, 3), nn.Linear(5, 3)
     b.load_state_dict(a.state_dict())
-    dp = DPSettings(1.0, 1.0, "rdp", mode)
+    dp = DPSettings(1.0, 1.0, 0.25, 4, "rdp", mode)
     ra = train_local(a, data, epochs=2, batch_size=16, learning_rate=0.1, dp=dp)
     train_local(b, data, epochs=2, batch_size=16, learning_rate=0.1, dp=dp)
     assert ra.mechanism == (1.0, 0.25, 8)
@@ -100,7 +98,17 @@ def test_lenet_returns_default_layout_weights(mode):
     model = LeNet5(10)
     before = model.features[3].weight.detach().clone()
     result = train_local(model, data, epochs=1, batch_size=32, learning_rate=0.1,
-                         dp=DPSettings(1.0, 1.0, "rdp", mode))  # fmt: skip
+                         dp=DPSettings(1.0, 1.0, 0.5, 2, "rdp", mode))  # fmt: skip
     assert result.mechanism == (1.0, 0.5, 2)
     assert all(p.is_contiguous() for p in model.parameters())
     assert not torch.equal(model.features[3].weight, before)
+
+
+def test_the_optimizer_takes_the_planned_steps_where_opacus_would_take_one_fewer():
+    """k = 93 (n = 2,976, B = 32): Opacus's own loader takes int(1/(1/93)) = 92 steps, so a
+    client with this size could never train ("Opacus ran 92 steps, but the plan was 93")."""
+    data = _data(n=93 * 32)
+    assert len(DPDataLoader(data, sample_rate=1 / 93)) == 92  # the bug, in Opacus
+    result = train_local(nn.Linear(5, 3), data, epochs=1, batch_size=32, learning_rate=0.1,
+                         dp=DPSettings(1.0, 1.0, 1 / 93, 93, "rdp"))  # fmt: skip
+    assert result.mechanism == (1.0, 1 / 93, 93)

@@ -23,7 +23,8 @@ from functools import lru_cache
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-ACCOUNTANTS = ("prv", "rdp")
+from common.privacy import ACCOUNTANTS
+
 Mechanism = tuple[float, float, int]
 
 

@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.privacy.accounting import ACCOUNTANTS
+from common.privacy import ACCOUNTANTS
 from common.privacy.findings import Finding, where
 
 if TYPE_CHECKING:

@@ -26,7 +26,6 @@ never does. Without it the client declares its true size and logs that it does s
 
 from __future__ import annotations
 
-import hashlib
 import math
 import tomllib
 from collections.abc import Mapping
@@ -36,7 +35,7 @@ from typing import Any
 
 import tomli_w
 
-from common.privacy.accounting import ACCOUNTANTS
+from common.privacy import ACCOUNTANTS
 
 POLICY_FILE = "policy.toml"
 
@@ -139,9 +138,3 @@ class PrivacyPolicy:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_file_atomic(path, tomli_w.dumps(self.to_mapping()).encode(), mode=PUBLIC_MODE)
         return path
-
-    def fingerprint(self) -> str:
-        """SHA-256 of the canonical policy: the state remembers which policy it was spent
-        under, so a holder who edits the policy sees it logged."""
-        canonical = tomli_w.dumps(dict(sorted(self.to_mapping().items())))
-        return hashlib.sha256(canonical.encode()).hexdigest()
