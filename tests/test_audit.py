@@ -110,17 +110,45 @@ def test_budget_exceeded_is_reported(tmp_path, identities, recomputer):
     first_over = min(r for r in range(1, ROUNDS + 1)
                      if epsilon_of([(SIGMA, Q, STEPS * r)], DELTA, "prv") > 3.0)  # fmt: skip
     assert all(f.round == first_over for f in exceeded)
-    assert "exceeded its privacy budget" in exceeded[0].message
+    assert "exceeded its lifetime privacy budget" in exceeded[0].message
 
 
-def test_ledger_budget_above_the_runs_target_is_an_error(tmp_path, identities, recomputer):
+def test_run_budget_above_the_runs_target_is_an_error(tmp_path, identities, recomputer):
     run = _run(tmp_path, identities, recomputer)
     metrics = json.loads((run / "metrics.json").read_text())
-    metrics["config"]["target-epsilon"] = 4.0
+    metrics["config"]["target-epsilon"] = 4.0  # the run asked for less than the holders took
     (run / "metrics.json").write_text(json.dumps(metrics))
     result = audit_run(run)
-    assert {f.partition_id for f in _errors(result, "budget-above-target")} == set(range(CLIENTS))
-    assert _errors(result, "budget-exceeded")
+    above = _errors(result, "run-budget-above-target")
+    assert {f.partition_id for f in above} == set(range(CLIENTS))
+    assert "run_epsilon_budget ε=8 is above the run's target-epsilon 4" in above[0].message
+
+
+def test_what_a_run_added_is_checked_against_its_run_budget(tmp_path, identities, recomputer):
+    # lifetime budget 8, this run may add 2; the clients ignore the run budget
+    run = _run(tmp_path, identities, recomputer, run_budget=2.0, enforce_budget=False)
+    result = audit_run(run)
+    over = _errors(result, "run-budget-exceeded")
+    assert {f.partition_id for f in over} == set(range(CLIENTS))
+    assert all(f.round == ROUNDS for f in over)  # checked where the run ends
+    assert "over what the run could add (run_epsilon_budget 2)" in over[0].message
+    assert not _errors(result, "budget-exceeded")  # the lifetime budget held
+
+
+def test_lifetime_epsilon_is_recomputed_over_the_whole_chain(tmp_path, identities, recomputer):
+    holders: dict = {}
+    first = _run(tmp_path / "a", identities, recomputer, rounds=2, run_id="11", ledgers=holders)
+    second = _run(tmp_path / "b", identities, recomputer, rounds=2, run_id="12",
+                  ledgers=holders)  # fmt: skip
+    assert audit_run(first).verdict_ok
+    result = audit_run(second)
+    assert result.verdict_ok, [f.message for f in result.errors]
+    # the ledger of run 12 holds every chain from seq 1: 4 entries per holder
+    assert result.entries == CLIENTS * 4 and len(result.checks) == CLIENTS * 2
+    for check in result.checks:
+        assert check.run_id == "12" and check.seq == check.round + 2
+        lifetime = [(SIGMA, Q, STEPS)] * check.seq
+        assert check.recomputed["rdp"] == epsilon_of(lifetime, DELTA, "rdp")
 
 
 def test_dropped_last_entry_is_caught_against_metrics(tmp_path, identities, recomputer):

@@ -298,3 +298,58 @@ def test_write_ledger_is_atomic_and_readable(lines, tmp_path):
     path = write_ledger(tmp_path / "ledger.jsonl", entries)
     assert read_ledger(path) == (entries, [])
     assert [p.name for p in tmp_path.iterdir()] == ["ledger.jsonl"]
+
+
+# --------------------------------------------------------------------------------------------
+# signatures against a dishonest server, plans, and copies of a chain across runs
+
+
+def test_unsigned_entry_is_an_error_when_the_clients_key_is_known(lines, keys, identities):
+    clients, _ = identities
+    partition_of = {clients[p].ids.ed25519: p for p in range(CLIENTS)}
+    i = _index(lines, TARGET_PID, TARGET_ROUND)
+    stripped = dataclasses.replace(LedgerEntry.from_json_line(lines[i]), signature="", signer="")
+    lines[i] = dataclasses.replace(stripped, hash=stripped.compute_hash()).to_json_line()
+    # known because the rest of the chain names its signer, with or without a key binding
+    for bound in (None, partition_of):
+        findings = _errors(verify_chain(_entries(lines), keys, partition_of=bound))
+        assert any(f.code == "unsigned" and _names(f, TARGET_PID, TARGET_ROUND) for f in findings)
+    # a whole chain stripped: known only through the key given for its partition
+    ledger = ClientLedger("data-9")
+    for r in (1, 2):
+        _append(ledger, r, float(r), None, TARGET_PID)
+    assert not _errors(verify_chain(list(ledger.entries), keys))
+    [err] = _errors(verify_chain(list(ledger.entries), keys, partition_of=partition_of))
+    assert err.code == "unsigned" and "client 1, rounds 1-2" in err.message
+
+
+def test_plan_problem_names_both_values():
+    from common.privacy.verification import plan_problem
+
+    ledger = ClientLedger("data-0")
+    good = _append(ledger, 1, 1.0, None)  # n=800, B=40, epochs=2: q=1/20, steps=40
+    assert plan_problem(good) is None
+    assert plan_problem(dataclasses.replace(good, num_examples=801)) is not None  # k = 21
+    bad = plan_problem(dataclasses.replace(good, sample_rate=0.04, steps=30))
+    assert "sample_rate 0.04 is not 1/⌈n/B⌉ = 1/⌈800/40⌉ = 0.05" in bad
+    assert "steps 30 is not epochs·⌈n/B⌉ = 2·20 = 40" in bad
+    # 1/k as floats: q computed as 1.0 / k passes for every k (no rounding trap)
+    for k in range(1, 200):
+        entry = dataclasses.replace(good, num_examples=40 * k, sample_rate=1.0 / k, steps=2 * k)
+        assert plan_problem(entry) is None
+
+
+def test_copies_of_a_chain_must_be_prefixes_of_the_longest(identities):
+    from common.privacy.verification import compare_copies
+
+    clients, _ = identities
+    ledger = ClientLedger("data-0")
+    for r in (1, 2, 3):
+        _append(ledger, r, float(r), clients[0])
+    full = list(ledger.entries)
+    longest, forks = compare_copies({"a": full[:1], "b": full, "c": full[:2]})
+    assert longest == "b" and forks == []
+    rolled = ClientLedger("data-0", ledger.chain_id, full[:1])
+    _append(rolled, 1, 2.5, clients[0], run_id="run-2")
+    _, forks = compare_copies({"a": full, "b": list(rolled.entries)})
+    assert [(f.short, f.long, f.seq) for f in forks] == [("b", "a", 2)]

@@ -34,6 +34,8 @@ def where(partition_id: int | None, rounds: int | Sequence[int] | None = None) -
         parts.append(f"client {partition_id}")
     if isinstance(rounds, int):
         parts.append(f"round {rounds}")
+    elif rounds and len(set(rounds)) == 1:
+        parts.append(f"round {next(iter(rounds))}")
     elif rounds:
         parts.append(f"rounds {_ranges(rounds)}")
     return ", ".join(parts) or "run"

@@ -6,7 +6,9 @@ Modules, one job each:
 * :mod:`.recompute`   -- ε from raw mechanism parameters (Opacus RDP/PRV), cached, fast
 * :mod:`.keys`        -- clients' public signing keys (and which partition each belongs to)
 * :mod:`.checks`      -- mechanism warnings (δ ≥ 1/n, no subsampling, tiny batches)
-* :mod:`.audit`       -- ``audit_run``: verify hashes, signatures and every ε claim
+* :mod:`.audit`       -- ``audit_run`` / ``audit_runs``: hashes, signatures, plans, every ε claim
+* :mod:`.completeness` -- nothing missing: metrics.json's rounds and the keys given vs the ledger
+* :mod:`.multirun`    -- one holder's chain across runs: forks (rollback), dropped entries
 * :mod:`.content`     -- the report as data (= report.json)
 * :mod:`.plots`       -- inline SVG plots
 * :mod:`.render_html` / :mod:`.render_md` -- the two human-readable renderings
@@ -14,7 +16,7 @@ Modules, one job each:
 * :mod:`.cli`         -- ``fedvault report`` / ``fedvault audit`` sub-commands
 """
 
-from common.report.audit import AuditResult, audit_run
+from common.report.audit import AuditResult, MultiAuditResult, audit_run, audit_runs
 from common.report.build import write_report
 
-__all__ = ["AuditResult", "audit_run", "write_report"]
+__all__ = ["AuditResult", "MultiAuditResult", "audit_run", "audit_runs", "write_report"]

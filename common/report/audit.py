@@ -1,22 +1,37 @@
-"""``audit_run``: verify a run's privacy ledger without trusting any ε it states.
+"""``audit_run``: verify a run's privacy ledger without trusting the server that stores it.
 
-What is checked, per client chain (``ledger.jsonl``):
+The server writes ``ledger.jsonl``, ``metrics.json`` and ``keys/`` of a run directory, so it
+can rewrite all three consistently. What it cannot do is sign as a client whose real public
+key the auditor holds, or make its copies of one holder's chain in two runs disagree without
+an audit of both seeing it. So, per run:
 
-1. integrity: every hash recomputes, ``prev_hash`` links each entry to the one before it,
-   rounds strictly increase, every signature verifies against the client's public key
-   (:func:`common.privacy.ledger.verify_chain`);
-2. the ε claims: every ``epsilon_cumulative`` is recomputed from the raw mechanism parameters of
-   the client's entries up to that round, with Opacus's RDP *and* PRV accountants. A claim
-   below the recomputation by the accountant the entry names by more than ``tolerance``
-   (relative) is an error. The *independent* accountant must agree too, within its own stated
-   tolerance ``CROSS_TOLERANCE`` (25 %): RDP is a valid but looser bound (typically 10-20 %
-   above PRV), so a PRV claim may sit below RDP by that much and no more; a claim further below
-   means one of the two accountants is wrong, and the audit fails rather than guess which;
-3. ``epsilon_round`` is the increase of the cumulative ε over the client's previous entry;
-4. no client exceeded its budget (the entry's ``epsilon_budget`` and the run's
-   ``target-epsilon``, whichever is lower), and no entry states ε at a δ above the run's;
-5. against ``metrics.json``: every DP training the server recorded has a ledger entry (this is
-   what catches a ledger whose *last* lines were dropped) and they agree on ε and mechanism.
+1. integrity (:func:`common.privacy.verification.verify_chain`): every hash recomputes,
+   ``prev_hash`` links each entry to the one before it from the genesis hash, ``seq`` counts
+   1, 2, 3, ..., every signature verifies; an entry without a valid signature is an *error*
+   for every client whose key is known (a key given for its partition, or a signer its chain
+   names). Keys come from the auditor (``public_keys`` / ``keys_dir``: a verdict against the
+   server) or else from ``RUN_DIR/keys``, which the *server* wrote (consistent, not
+   independent); without keys integrity is unverified, and the verdict line says so;
+2. the plan: q = 1/⌈n/B⌉ and steps = epochs·⌈n/B⌉ from the signed n, B and epochs;
+3. the ε claims, over each holder's whole lifetime chain from seq 1: every
+   ``epsilon_cumulative`` is recomputed from the raw mechanisms with Opacus's RDP *and* PRV
+   accountants. A claim below the recomputation by the accountant the entry names by more
+   than ``tolerance`` (relative) is an error, and so is a claim more than ``CROSS_TOLERANCE``
+   (25 %) below the independent accountant (RDP is a looser bound than PRV by 10-20 %);
+   ``epsilon_round`` must be the increase of the cumulative ε;
+4. budgets: the lifetime ε (claimed and recomputed) within ``epsilon_budget``; what each run
+   added (cumulative at its last entry minus the cumulative before its first) within its
+   ``run_epsilon_budget``; the run budget within the run's ``target-epsilon``; no ε stated at
+   a δ above the run's;
+5. completeness against ``metrics.json``: every round recorded, every client the server
+   records as trained has this run's entry for that round (with its ε) and the other way
+   round, every sampled client trained or failed, every key given has entries. Without
+   ``metrics.json`` (or its rounds) completeness is unchecked: the verdict is NOT VERIFIED.
+
+:func:`audit_runs` audits several runs and compares every holder's chain across them: each
+run's copy must be a prefix of the longest (a fork = a rolled-back holder or a rewritten
+history), and a run whose copy lacks entries a later copy shows were made in that run dropped
+them.
 
 How ε is recomputed (:mod:`common.report.recompute`): RDP exactly as ``epsilon_of`` does
 (bit-identical, cheap once each mechanism's RDP curve is cached). PRV per prefix at Opacus's
@@ -34,9 +49,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -44,11 +58,19 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from common.privacy.accounting import ACCOUNTANTS, merge_history
 from common.privacy.findings import Finding, finding
 from common.privacy.ledger import KIND_CLIENT_DP_SGD, LEDGER_FILE, LedgerEntry
-from common.privacy.verification import chains, verify_chain
+from common.privacy.verification import (
+    Label,
+    chains,
+    holder_partition,
+    plan_problem,
+    verify_chain,
+)
 from common.report.checks import mechanism_warnings
+from common.report.completeness import key_presence, metrics_completeness
 from common.report.keys import ClientKeys, load_client_keys
+from common.report.multirun import MultiAuditResult, cross_run_findings
 from common.report.recompute import BoundRequest, Recomputer, request_key
-from common.report.rundata import RunData, load_run, metrics_clients
+from common.report.rundata import RunData, load_run
 
 # How far a claim may sit below the *other* accountant (RDP is looser than PRV by ~10-20 %).
 CROSS_TOLERANCE = 0.25
@@ -56,6 +78,8 @@ log = logging.getLogger("fedvault.report.audit")
 
 DEFAULT_TOLERANCE = 0.01
 _SAME = 1e-9  # relative: values copied between records must agree to float noise
+
+__all__ = ["AuditResult", "MultiAuditResult", "audit_run", "audit_runs"]
 
 
 @dataclass(frozen=True)
@@ -72,11 +96,28 @@ class EntryCheck:
     recomputed: dict[str, float]  # exact values computed (always "rdp"; "prv" when needed)
     prv_bound: float | None  # a rigorous upper bound on the PRV ε, when that decided
     under_reported: bool
+    run_id: str = ""
+    seq: int = 0
+    chain_id: str = ""
+
+
+TRUST = {
+    "auditor": "a verdict against the server: signatures checked with keys the auditor "
+    "supplied ({source})",
+    "server": "consistent, NOT independent: these keys came from the server ({source})",
+    "none": "integrity unverified: no client keys, signatures not checked (NOT independent "
+    "of the server)",
+}
 
 
 @dataclass
 class AuditResult:
-    """The audit's verdict: ``verdict_ok`` is true iff no finding is an error."""
+    """The audit's verdict: ``verdict_ok`` is true iff the verdict is ``pass``.
+
+    ``pass`` = no error and nothing left unchecked; how much a pass is worth depends on whose
+    keys it used (``keys_origin``: ``auditor``, ``server`` or ``none``), and the verdict line
+    (:meth:`summary`) says it.
+    """
 
     findings: list[Finding]
     verdict_ok: bool
@@ -88,8 +129,16 @@ class AuditResult:
     clients: int = 0
     checks: list[EntryCheck] = field(default_factory=list)
     keys_source: str = ""
+    keys_origin: str = "none"
+    chains_signed_by_given_keys: int = 0
+    chain_count: int = 0
+    unverified: list[str] = field(default_factory=list)
     seconds: float = 0.0
     histories_computed: int = 0
+    run_dir: str = ""
+    # for audit_runs: this run's chains, and the keys it found no entries for
+    chains: dict[str, list[LedgerEntry]] = field(default_factory=dict, repr=False)
+    absent_keys: dict[str, Finding] = field(default_factory=dict, repr=False)
 
     @property
     def errors(self) -> list[Finding]:
@@ -100,26 +149,52 @@ class AuditResult:
         return [f for f in self.findings if not f.is_error]
 
     @property
+    def independent(self) -> bool:
+        """Whether the signatures were checked with keys the auditor supplied."""
+        return self.keys_origin == "auditor"
+
+    @property
     def verdict(self) -> str:
-        """``pass`` / ``fail`` / ``not-applicable`` (a run without DP claims nothing)."""
+        """``pass`` / ``fail`` / ``not-verified`` / ``not-applicable`` (no DP: no claim)."""
         if not self.dp:
             return "not-applicable"
-        return "pass" if self.verdict_ok else "fail"
+        if self.errors:
+            return "fail"
+        if self.unverified:
+            return "not-verified"
+        return "pass"
+
+    def finish(self) -> None:
+        self.verdict_ok = self.verdict == "pass"
+
+    def trust(self) -> str:
+        """Whose keys the verdict rests on, in words (part of the verdict line)."""
+        text = TRUST.get(self.keys_origin, TRUST["none"]).format(source=self.keys_source)
+        uncovered = self.chain_count - self.chains_signed_by_given_keys
+        if self.keys_origin != "none" and uncovered > 0:
+            text += f" ({uncovered} of {self.chain_count} chains not signed by a given key)"
+        return text
 
     def summary(self) -> str:
-        """One line for logs and the CLI."""
+        """The verdict line: verdict, whose keys, counts."""
         if not self.dp:
             return f"run {self.run_id}: no DP (dp = false): no privacy claim to verify"
+        head = {
+            "pass": "audit PASSED",
+            "fail": "audit FAILED",
+            "not-verified": "audit NOT VERIFIED: " + "; ".join(self.unverified),
+        }[self.verdict]
         return (
-            f"run {self.run_id}: audit {'PASSED' if self.verdict_ok else 'FAILED'}: "
-            f"{self.entries} ledger entries of {self.clients} clients, {len(self.errors)} "
-            f"errors, {len(self.warnings)} warnings ({self.seconds:.1f}s)"
+            f"run {self.run_id}: {head}; {self.trust()}; {self.entries} ledger entries of "
+            f"{self.clients} clients, {len(self.errors)} errors, {len(self.warnings)} warnings "
+            f"({self.seconds:.1f}s)"
         )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "verdict": self.verdict,
             "verdict_ok": self.verdict_ok,
+            "verdict_line": self.summary(),
             "run_id": self.run_id,
             "tolerance": self.tolerance,
             "dp": self.dp,
@@ -129,6 +204,9 @@ class AuditResult:
             "errors": len(self.errors),
             "warnings": len(self.warnings),
             "keys_source": self.keys_source,
+            "keys_origin": self.keys_origin,
+            "independent": self.independent,
+            "unverified": list(self.unverified),
             "seconds": round(self.seconds, 3),
             "findings": [f.to_dict() for f in self.findings],
         }
@@ -145,11 +223,11 @@ def audit_run(
 ) -> AuditResult:
     """Audit ``run_dir`` (``ledger.jsonl`` + ``metrics.json``); see the module docstring.
 
-    Clients' public keys, first match wins: ``public_keys`` (Ed25519 key id → key),
-    ``keys_dir`` (clients' ``public.json`` files), ``<run_dir>/keys``. Without any, signatures
-    are not checked (a warning per client). ``RunDirError`` when ``run_dir`` is not a run dir.
-    ``workers > 1`` computes the ε bounds of clients with distinct mechanisms in that many
-    forked processes (for the CLI; keep 1 inside a multi-threaded server process).
+    Clients' public keys, first match wins: ``public_keys`` (Ed25519 key id → key) or
+    ``keys_dir`` (clients' ``public.json`` files), both supplied by the auditor; else
+    ``<run_dir>/keys`` (supplied by the server). ``RunDirError`` when ``run_dir`` is not a
+    run dir. ``workers > 1`` computes the ε bounds of clients with distinct mechanisms in
+    that many forked processes (for the CLI; keep 1 inside a multi-threaded server process).
     """
     if not 0 <= tolerance < 1:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
@@ -157,7 +235,7 @@ def audit_run(
     data = load_run(run_dir)
     result = AuditResult(
         findings=[], verdict_ok=False, run_id=data.run_id, tolerance=tolerance, dp=data.dp,
-        ledger_present=data.ledger_present, entries=len(data.entries),
+        ledger_present=data.ledger_present, entries=len(data.entries), run_dir=str(run_dir),
     )  # fmt: skip
     findings = result.findings
     if not data.dp:
@@ -178,15 +256,42 @@ def audit_run(
         )
     else:
         keys = _keys(data, public_keys, keys_dir)
-        result.keys_source = keys.source if keys else ""
         rec = recomputer or Recomputer()
-        findings.extend(_audit_ledger(data, keys, rec, tolerance, result.checks, workers))
+        findings.extend(_audit_ledger(data, keys, rec, tolerance, result, workers))
         result.histories_computed = rec.computed
-    result.clients = len({e.partition_id for e in data.entries})
-    result.verdict_ok = not any(f.is_error for f in findings)
+    result.clients = len(
+        {holder_partition(c, data.run_id) for c in result.chains.values()
+         if any(e.run_id == data.run_id for e in c)}
+    )  # fmt: skip
+    result.finish()
     result.seconds = time.perf_counter() - started
     log.info("%s", result.summary())
     return result
+
+
+def audit_runs(
+    run_dirs: Iterable[str | os.PathLike[str]],
+    tolerance: float = DEFAULT_TOLERANCE,
+    public_keys: Mapping[str, Ed25519PublicKey] | None = None,
+    *,
+    keys_dir: str | os.PathLike[str] | None = None,
+    recomputer: Recomputer | None = None,
+    workers: int = 1,
+) -> MultiAuditResult:
+    """Audit every run in ``run_dirs`` and compare the holders' chains across them.
+
+    Each run is audited as by :func:`audit_run` (same keys for all); then, per chain, every
+    run's copy must be a prefix of the longest copy (else: a fork), and a run must hold every
+    entry that the longest copy shows the holder made in that run (else: dropped). A key with
+    no entries in one run but entries in another is a warning there, not an error (the holder
+    did not take part in every run).
+    """
+    rec = recomputer or Recomputer()
+    results = [
+        audit_run(d, tolerance, public_keys, keys_dir=keys_dir, recomputer=rec, workers=workers)
+        for d in run_dirs
+    ]
+    return MultiAuditResult(results, cross_run_findings(results))
 
 
 def _keys(
@@ -196,10 +301,10 @@ def _keys(
 ) -> ClientKeys | None:
     if public_keys is not None:
         return ClientKeys.from_mapping(public_keys, "public_keys argument")
-    path = Path(keys_dir) if keys_dir is not None else data.run_dir / "keys"
-    if keys_dir is None and not path.is_dir():
-        return None
-    return load_client_keys(path)
+    if keys_dir is not None:
+        return load_client_keys(keys_dir, origin="auditor")
+    path = data.run_dir / "keys"
+    return load_client_keys(path, origin="server") if path.is_dir() else None
 
 
 def _audit_ledger(
@@ -207,7 +312,7 @@ def _audit_ledger(
     keys: ClientKeys | None,
     rec: Recomputer,
     tolerance: float,
-    checks: list[EntryCheck],
+    result: AuditResult,
     workers: int,
 ) -> list[Finding]:
     out: list[Finding] = list(data.ledger_problems)
@@ -218,54 +323,88 @@ def _audit_ledger(
                 finding("warning", "no-keys", None, None, f"no client public keys in {keys.source}")
             )
             keys = None
+    result.keys_origin = keys.origin if keys is not None else "none"
+    result.keys_source = keys.source if keys is not None else ""
+    if data.metrics is None:
+        result.unverified.append("metrics.json missing, completeness unchecked")
+    run_id = data.run_id
+    grouped = chains(data.entries)
+    result.chains = grouped
+    result.chain_count = len(grouped)
     if not data.entries:
         out.append(
             finding("error", "ledger-empty", None, None, f"{LEDGER_FILE} has no readable entries")
         )
-        return out
-    out.extend(verify_chain(data.entries, keys.by_id if keys else None))
-    config = data.config
-    grouped = chains(data.entries)
+    out.extend(
+        verify_chain(data.entries, keys.by_id if keys else None,
+                     partition_of=keys.partition_of if keys else None, run_id=run_id)
+    )  # fmt: skip
+    if keys is not None:
+        result.chains_signed_by_given_keys = sum(
+            1 for c in grouped.values() if all(e.signer in keys.by_id for e in c)
+        )
     if workers > 1:  # the expensive part, for every chain at once, in parallel
         requests = []
         for chain in grouped.values():
             valid = _claim_chain(chain, [])
-            request = bound_request(valid, tolerance, _budgets(valid, config)) if valid else None
+            request = bound_request(valid, tolerance, _budgets(valid)) if valid else None
             if request is not None:
                 requests.append(request)
         rec.prefetch(requests, workers)
-    for chain in grouped.values():
-        pid = chain[-1].partition_id
-        if keys is not None:
-            out.extend(_key_binding(pid, chain, keys))
-        out.extend(_audit_claims(pid, chain, config, rec, tolerance, checks))
+    holders: dict[int, list[str]] = {}
+    for chain_id, chain in grouped.items():
+        pid = holder_partition(chain, run_id)
+        if any(e.run_id == run_id for e in chain):
+            holders.setdefault(pid, []).append(chain_id)
+        else:
+            out.append(
+                finding(
+                    "error", "history-only", pid, None,
+                    f"chain {chain_id[:12]}… is in this run's ledger with entries of earlier "
+                    "runs only: a holder sends its history with its first entry of a run, so "
+                    "this run's entries were dropped",
+                )
+            )
+        out.extend(_plan_checks(pid, chain, run_id))
+        out.extend(_audit_claims(pid, chain, data, rec, tolerance, result.checks))
+    for pid, ids in sorted(holders.items()):
+        if len(ids) > 1:
+            out.append(
+                finding(
+                    "error", "two-chains", pid, None,
+                    f"{len(ids)} chains ({', '.join(i[:12] + '…' for i in ids)}) have entries "
+                    "of this run for the same client: one holder, one chain",
+                )
+            )
+    if keys is not None:
+        absent = key_presence(keys, grouped, data)
+        result.absent_keys = dict(absent)
+        out.extend(f for _, f in absent)
     if data.metrics is not None:
-        out.extend(_cross_check(data))
+        out.extend(metrics_completeness(data, result.unverified))
     return out
 
 
-def _key_binding(pid: int, chain: list[LedgerEntry], keys: ClientKeys) -> list[Finding]:
+def _plan_checks(pid: int, chain: list[LedgerEntry], run_id: str) -> list[Finding]:
+    """q and steps against the signed n, B and epochs, for every entry of the chain."""
+    out = []
     for entry in chain:
-        bound = keys.partition_of.get(entry.signer)
-        if bound is not None and bound != pid:
-            return [
-                finding(
-                    "error", "wrong-key", pid, entry.round,
-                    f"signed with client {bound}'s key ({entry.signer}), not client {pid}'s",
-                )
-            ]
-    return []
+        problem = plan_problem(entry)
+        if problem is not None:
+            out.append(Label.of(entry, pid, run_id).finding("error", "plan-mismatch", problem))
+    return out
 
 
 def _audit_claims(
     pid: int,
     chain: list[LedgerEntry],
-    config: Mapping[str, Any],
+    data: RunData,
     rec: Recomputer,
     tolerance: float,
     checks: list[EntryCheck],
 ) -> list[Finding]:
-    """Recompute every cumulative ε of one chain and check claims, increments and budget."""
+    """Recompute every cumulative ε of one lifetime chain; check claims, increments, budgets."""
+    run_id = data.run_id
     out: list[Finding] = []
     other_kinds = sorted({e.kind for e in chain if e.kind != KIND_CLIENT_DP_SGD})
     if other_kinds:
@@ -278,33 +417,46 @@ def _audit_claims(
     entries = sorted((e for e in chain if e.kind == KIND_CLIENT_DP_SGD), key=lambda e: e.seq)
     if not entries:
         return out
-    out.extend(_config_consistency(pid, entries, config))
+    this_run = [e for e in entries if e.run_id == run_id]
+    out.extend(_config_consistency(pid, this_run, data.config))
     by_mechanism: dict[tuple[int, float, float], list[int]] = {}
-    for e in entries:
+    for e in this_run:
         by_mechanism.setdefault((e.num_examples, e.sample_rate, e.delta), []).append(e.round)
     for (n, q, delta), rounds in sorted(by_mechanism.items()):
         out.extend(mechanism_warnings(pid, n, q, delta, rounds))
+    deltas = list(dict.fromkeys(e.delta for e in entries))
+    if len(deltas) > 1:
+        out.append(
+            finding(
+                "warning", "delta-changed", pid, None,
+                f"the holder's δ changed within its lifetime chain "
+                f"({', '.join(map(str, deltas))}): each cumulative ε is stated at its own "
+                "entry's δ",
+            )
+        )
 
     valid = _claim_chain(entries, out)
     if not valid:
         return out
-    budgets = _budgets(valid, config)
+    budgets = _budgets(valid)
     try:
         prefix = _Prefixes(valid, rec, tolerance, budgets)
     except (ValueError, RuntimeError, ArithmeticError) as err:
         out.append(
             finding(
-                "error", "recompute-failed", pid, valid[0].round,
+                "error", "recompute-failed", pid, None,
                 f"ε cannot be recomputed from the recorded mechanism ({err})",
             )
         )
         return out
 
     over: list[int] = []
+    over_seqs: list[int] = []
     over_by = 0.0
-    exceeded: list[tuple[int, float, float]] = []
+    exceeded: list[tuple[LedgerEntry, float, float]] = []
     previous = 0.0
     for k, e in enumerate(valid):
+        at = Label.of(e, pid, run_id)
         claim, budget = e.epsilon_cumulative, budgets[k]
         # the claim: not below the declared accountant's ε by more than the tolerance
         floor = prefix.upper(k, e.accountant)
@@ -312,12 +464,12 @@ def _audit_claims(
         if under:
             floor = prefix.exact(k, e.accountant)  # a failure is always confirmed exactly
             under = claim < floor * (1 - tolerance)
+        other = next(a for a in ACCOUNTANTS if a != e.accountant)
         if under:
-            other = next(a for a in ACCOUNTANTS if a != e.accountant)
             gap = 1 - claim / floor if floor > 0 else 1.0
             out.append(
-                finding(
-                    "error", "under-reported", pid, e.round,
+                at.finding(
+                    "error", "under-reported",
                     f"claims ε={claim:.4f} but its mechanism history recomputes to "
                     f"ε={floor:.4f} with {e.accountant} ({other}: "
                     f"{prefix.exact(k, other):.4f}): under-reported by {gap:.1%} "
@@ -325,62 +477,112 @@ def _audit_claims(
                 )
             )
         elif claim > floor * (1 + tolerance):
-            over.append(e.round)
+            if e.run_id == run_id:
+                over.append(e.round)
+            over_seqs.append(e.seq)
             over_by = max(over_by, claim / floor - 1 if floor > 0 else math.inf)
         # the independent accountant: not below it by more than its stated tolerance
-        other = next(a for a in ACCOUNTANTS if a != e.accountant)
         if not under and claim < prefix.upper(k, other) * (1 - CROSS_TOLERANCE):
             independent = prefix.exact(k, other)
             if claim < independent * (1 - CROSS_TOLERANCE):
                 out.append(
-                    finding(
-                        "error", "accountants-disagree", pid, e.round,
+                    at.finding(
+                        "error", "accountants-disagree",
                         f"claims ε={claim:.4f} with {e.accountant}, but the independent "
                         f"{other} accountant recomputes ε={independent:.4f}: more than "
                         f"{CROSS_TOLERANCE:.0%} below it",
                     )
                 )
-        # the budget: the claim and the recomputation must both stay within it
+        # the lifetime budget: the claim and the recomputation must both stay within it
         if claim > budget:
-            exceeded.append((e.round, claim, budget))
+            exceeded.append((e, claim, budget))
         elif prefix.upper(k, e.accountant) > budget:
             spent = prefix.exact(k, e.accountant)
             if spent > budget:
-                exceeded.append((e.round, spent, budget))
+                exceeded.append((e, spent, budget))
         # the increment: the difference of consecutive cumulative claims
         increase = claim - previous
         if not math.isclose(e.epsilon_round, increase, rel_tol=_SAME, abs_tol=1e-12):
             out.append(
-                finding(
-                    "error", "round-epsilon", pid, e.round,
+                at.finding(
+                    "error", "round-epsilon",
                     f"epsilon_round={e.epsilon_round:.6g} is not the increase of cumulative ε "
                     f"({claim:.6g} - {previous:.6g} = {increase:.6g})",
                 )
             )
         previous = claim
-        checks.append(
-            EntryCheck(
-                pid, e.round, e.accountant, e.delta, claim, e.epsilon_round, e.epsilon_budget,
-                prefix.known(k), prefix.bound(k), under,
-            )
-        )  # fmt: skip
-    if over:
+        if e.run_id == run_id:
+            checks.append(
+                EntryCheck(
+                    pid, e.round, e.accountant, e.delta, claim, e.epsilon_round, budget,
+                    prefix.known(k), prefix.bound(k), under, run_id=e.run_id, seq=e.seq,
+                    chain_id=e.chain_id,
+                )
+            )  # fmt: skip
+    if over_seqs:
+        earlier = len(over_seqs) - len(over)
         out.append(
             finding(
-                "warning", "over-reported", pid, over,
-                f"claimed ε is above the recomputation by up to {over_by:.1%}: conservative, but "
-                "the recorded mechanism may not be the one that ran",
+                "warning", "over-reported", pid, over or None,
+                f"claimed ε is above the recomputation by up to {over_by:.1%}"
+                + (f" (in {earlier} entries of earlier runs)" if earlier else "")
+                + ": conservative, but the recorded mechanism may not be the one that ran",
             )
         )
     if exceeded:
-        r, spent, budget = exceeded[0]
-        more = f" (and in {len(exceeded) - 1} later rounds)" if len(exceeded) > 1 else ""
+        e, spent, budget = exceeded[0]
+        more = f" (and in {len(exceeded) - 1} later entries)" if len(exceeded) > 1 else ""
         out.append(
-            finding(
-                "error", "budget-exceeded", pid, r,
-                f"exceeded its privacy budget: ε={spent:.4f} > budget ε={budget:g}{more}",
+            Label.of(e, pid, run_id).finding(
+                "error", "budget-exceeded",
+                f"exceeded its lifetime privacy budget: ε={spent:.4f} > budget ε={budget:g}{more}",
             )
         )
+    out.extend(_run_budgets(pid, valid, prefix, run_id, bool(over_seqs)))
+    return out
+
+
+def _run_budgets(
+    pid: int, valid: list[LedgerEntry], prefix: _Prefixes, run_id: str, over_reported: bool
+) -> list[Finding]:
+    """What each run added (cumulative at its last entry minus before its first) ≤ its
+    ``run_epsilon_budget``: by the claims for every run of the chain, and by the
+    recomputation for this run (exactly, when the bound cannot decide or claims run high)."""
+    out: list[Finding] = []
+    spans: dict[str, list[int]] = {}
+    for k, e in enumerate(valid):
+        spans.setdefault(e.run_id, []).append(k)
+    for run, ks in spans.items():
+        first, last = ks[0], ks[-1]
+        e = valid[last]
+        limit = e.run_epsilon_budget
+        slack = limit * _SAME + 1e-12
+        before = valid[first - 1].epsilon_cumulative if first > 0 else 0.0
+        added = e.epsilon_cumulative - before
+        at = Label.of(e, pid, run_id)
+        if added > limit + slack:
+            out.append(
+                at.finding(
+                    "error", "run-budget-exceeded",
+                    f"run {run} added ε={added:.4f} (lifetime {before:.4f} → "
+                    f"{e.epsilon_cumulative:.4f}), over what the run could add "
+                    f"(run_epsilon_budget {limit:g})",
+                )
+            )
+            continue
+        if run != run_id:
+            continue
+        if over_reported or prefix.upper(last, e.accountant) - before > limit + slack:
+            start = prefix.exact(first - 1, e.accountant) if first > 0 else 0.0
+            spent = prefix.exact(last, e.accountant) - start
+            if spent > limit + slack:
+                out.append(
+                    at.finding(
+                        "error", "run-budget-exceeded",
+                        f"this run added ε={spent:.4f} by recomputation ({e.accountant}), over "
+                        f"what the run could add (run_epsilon_budget {limit:g})",
+                    )
+                )
     return out
 
 
@@ -405,19 +607,17 @@ def bound_request(
     return request_key(sigma, q, delta, totals, slacks)
 
 
-def _budgets(chain: list[LedgerEntry], config: Mapping[str, Any]) -> list[float]:
-    """Per entry: its own budget, or the run's target-epsilon when that is lower."""
-    target = _float(config.get("target-epsilon"))
-    return [min(e.epsilon_budget, target) if target is not None else e.epsilon_budget
-            for e in chain]  # fmt: skip
+def _budgets(chain: list[LedgerEntry]) -> list[float]:
+    """Per entry: the holder's lifetime budget as that entry states it."""
+    return [e.epsilon_budget for e in chain]
 
 
 def _claim_chain(chain: list[LedgerEntry], out: list[Finding]) -> list[LedgerEntry]:
-    """A chain's client-DP-SGD entries in round order, up to the first invalid mechanism."""
+    """A chain's client-DP-SGD entries from seq 1, up to the first invalid mechanism."""
     entries = sorted((e for e in chain if e.kind == KIND_CLIENT_DP_SGD), key=lambda e: e.seq)
     if not entries:
         return []
-    return _valid_prefix(entries[0].partition_id, entries, out)
+    return _valid_prefix(holder_partition(entries), entries, out)
 
 
 class _Prefixes:
@@ -496,17 +696,18 @@ def _valid_prefix(pid: int, entries: list[LedgerEntry], out: list[Finding]) -> l
 def _config_consistency(
     pid: int, entries: list[LedgerEntry], config: Mapping[str, Any]
 ) -> list[Finding]:
+    """This run's entries against what the run asked (its config in metrics.json)."""
     out: list[Finding] = []
     target_eps = _float(config.get("target-epsilon"))
     target_delta = _float(config.get("target-delta"))
     accountant = config.get("accountant")
     for e in entries:
-        if target_eps is not None and e.epsilon_budget > target_eps * (1 + _SAME):
+        if target_eps is not None and e.run_epsilon_budget > target_eps * (1 + _SAME):
             out.append(
                 finding(
-                    "error", "budget-above-target", pid, e.round,
-                    f"ledger budget ε={e.epsilon_budget:g} is above the run's target-epsilon "
-                    f"{target_eps:g}",
+                    "error", "run-budget-above-target", pid, e.round,
+                    f"run_epsilon_budget ε={e.run_epsilon_budget:g} is above the run's "
+                    f"target-epsilon {target_eps:g} (a run may ask a holder for less, never more)",
                 )
             )
             break
@@ -530,72 +731,6 @@ def _config_consistency(
                 )
             )
     return out
-
-
-_CROSS_FIELDS = (
-    ("epsilon", "epsilon_cumulative"),
-    ("noise_multiplier", "noise_multiplier"),
-    ("sample_rate", "sample_rate"),
-    ("steps", "steps"),
-    ("max_grad_norm", "max_grad_norm"),
-    ("delta", "delta"),
-    ("num_examples", "num_examples"),
-)
-
-
-def _cross_check(data: RunData) -> list[Finding]:
-    """metrics.json (the server's record) against the ledger (the clients' signed record)."""
-    out: list[Finding] = []
-    ledger = {
-        (e.partition_id, e.round): e
-        for e in data.entries
-        if e.run_id == data.run_id and e.kind == KIND_CLIENT_DP_SGD
-    }
-    recorded = metrics_clients(data)
-    for (pid, rnd), client in sorted(recorded.items()):
-        if client.get("epsilon") is None:
-            continue
-        entry = ledger.get((pid, rnd))
-        if entry is None:
-            out.append(
-                finding(
-                    "error", "entry-missing", pid, rnd,
-                    "metrics.json records DP training in this round but the ledger has no "
-                    "entry for it (an entry was dropped, or the ledger was truncated)",
-                )
-            )
-            continue
-        diffs = [
-            f"{m_key} {client.get(m_key)!r} vs {getattr(entry, l_key)!r}"
-            for m_key, l_key in _CROSS_FIELDS
-            if client.get(m_key) is not None and not _same(client[m_key], getattr(entry, l_key))
-        ]
-        if diffs:
-            out.append(
-                finding(
-                    "error", "metrics-disagree", pid, rnd,
-                    f"metrics.json and the ledger disagree: {'; '.join(diffs)}",
-                )
-            )
-    unmatched: dict[int, list[int]] = {}
-    for pid, rnd in sorted(set(ledger) - set(recorded)):
-        unmatched.setdefault(pid, []).append(rnd)
-    for pid, rounds in unmatched.items():
-        out.append(
-            finding(
-                "warning", "not-in-metrics", pid, rounds,
-                "ledger entries with no matching client record in metrics.json "
-                "(metrics.json from another or an interrupted run?)",
-            )
-        )
-    return out
-
-
-def _same(a: Any, b: Any) -> bool:
-    try:
-        return math.isclose(float(a), float(b), rel_tol=_SAME, abs_tol=0.0)
-    except (TypeError, ValueError):
-        return False
 
 
 def _float(value: Any) -> float | None:

@@ -1,10 +1,13 @@
-"""``fedvault report RUN_DIR`` and ``fedvault audit RUN_DIR``, ready to plug into common/cli.py.
+"""``fedvault report RUN_DIR`` and ``fedvault audit RUN_DIR [RUN_DIR ...]`` for common/cli.py.
 
-Exit codes of ``audit``: 0 every claim verified, 1 the audit found errors (or the run has no
-DP, so there is nothing to verify), 2 a user error (not a run directory: the CLI's usual
-one-line error, since ``RunDirError`` is a ``FileNotFoundError``). ``report`` exits 0 once the
-files are written, whatever the verdict (the verdict is in them); ``--strict`` makes it exit
-1 on a failed audit as well.
+Exit codes of ``audit``: 0 every claim verified (PASSED: the verdict line says whose keys
+that rests on -- the auditor's, the server's copy in RUN_DIR/keys, or none), 1 the audit
+found errors, or could not check completeness (NOT VERIFIED: no metrics.json), or the run
+has no DP (nothing to verify), 2 a user error (not a run directory: the CLI's usual one-line
+error, since ``RunDirError`` is a ``FileNotFoundError``). Several run directories are
+audited each, and every holder's chain is compared across them (forks, dropped entries).
+``report`` exits 0 once the files are written, whatever the verdict (the verdict is in them);
+``--strict`` makes it exit 1 on a failed (or not verified) audit as well.
 """
 
 from __future__ import annotations
@@ -27,10 +30,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         ("audit", cmd_audit, "verify a run's privacy ledger: hashes, signatures, every ε claim"),
     ):
         p = sub.add_parser(name, help=text)
-        p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/<run-id>)")
+        if name == "audit":
+            p.add_argument(
+                "run_dirs", metavar="RUN_DIR", nargs="+",
+                help="run directories (runs/<run-id>); several: also compare every holder's "
+                "chain across them (a rolled-back holder forks it)",
+            )  # fmt: skip
+        else:
+            p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/<run-id>)")
         p.add_argument(
             "--keys", metavar="DIR",
-            help="clients' public.json files (default: RUN_DIR/keys, supplied by the server)",
+            help="clients' public.json files, as you got them from the clients: a verdict "
+            "against the server (default: RUN_DIR/keys, which the server wrote)",
         )  # fmt: skip
         p.add_argument(
             "--tolerance", type=float, default=DEFAULT_TOLERANCE,
@@ -50,16 +61,32 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from common.report.audit import audit_run
+    from common.report.audit import audit_run, audit_runs
 
-    result = audit_run(args.run_dir, args.tolerance, keys_dir=args.keys, workers=args.workers)
+    run_dirs = list(getattr(args, "run_dirs", None) or [args.run_dir])
+    if len(run_dirs) == 1:
+        result = audit_run(run_dirs[0], args.tolerance, keys_dir=args.keys,
+                           workers=args.workers)  # fmt: skip
+        if args.json:
+            print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        else:
+            for f in sorted(result.findings, key=lambda f: not f.is_error):
+                print(f"{f.severity}: {f.message}")
+            print(result.summary())
+        return EXIT_OK if result.verdict_ok else EXIT_AUDIT_FAILED
+    multi = audit_runs(run_dirs, args.tolerance, keys_dir=args.keys, workers=args.workers)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+        print(json.dumps(multi.to_dict(), indent=2, ensure_ascii=False))
     else:
-        for f in sorted(result.findings, key=lambda f: not f.is_error):
+        for r in multi.results:
+            for f in sorted(r.findings, key=lambda f: not f.is_error):
+                print(f"{f.severity}: run {r.run_id}: {f.message}")
+        for f in sorted(multi.findings, key=lambda f: not f.is_error):
             print(f"{f.severity}: {f.message}")
-        print(result.summary())
-    return EXIT_OK if result.verdict_ok else EXIT_AUDIT_FAILED
+        for r in multi.results:
+            print(r.summary())
+        print(multi.summary())
+    return EXIT_OK if multi.verdict_ok else EXIT_AUDIT_FAILED
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -73,5 +100,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     print(f"privacy report for run {report['run_id']}: audit {audit['verdict']}")
     for path in paths.values():
         print(f"  {path}")
-    failed = audit["verdict"] == "fail"
+    print(f"  {audit.get('verdict_line', '')}")
+    failed = audit["verdict"] in ("fail", "not-verified")
     return EXIT_AUDIT_FAILED if failed and args.strict else EXIT_OK

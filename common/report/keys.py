@@ -33,13 +33,27 @@ class ClientKeys:
     partition_of: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     source: str = ""
+    names: dict[str, str] = field(default_factory=dict)  # key id → the identity's name
+    # who supplied them: "auditor" (independent of the server) or "server" (RUN_DIR/keys)
+    origin: str = "auditor"
 
     @classmethod
-    def from_mapping(cls, keys: Mapping[str, Ed25519PublicKey], source: str) -> ClientKeys:
-        return cls(by_id=dict(keys), source=source)
+    def from_mapping(
+        cls,
+        keys: Mapping[str, Ed25519PublicKey],
+        source: str,
+        partition_of: Mapping[str, int] | None = None,
+    ) -> ClientKeys:
+        return cls(by_id=dict(keys), source=source, partition_of=dict(partition_of or {}))
+
+    def describe(self, key_id: str) -> str:
+        """``client 3`` for a key bound to partition 3, else its name or id."""
+        if key_id in self.partition_of:
+            return f"client {self.partition_of[key_id]}"
+        return f"client {self.names.get(key_id) or key_id}"
 
 
-def load_client_keys(path: str | os.PathLike[str]) -> ClientKeys:
+def load_client_keys(path: str | os.PathLike[str], origin: str = "auditor") -> ClientKeys:
     """Client keys from a ``public.json``, a dir of ``*.json`` files, or a dir of key dirs.
 
     Unreadable files are recorded in ``problems`` (the audit reports them) rather than
@@ -54,7 +68,7 @@ def load_client_keys(path: str | os.PathLike[str]) -> ClientKeys:
         files = [root]
     else:
         files = sorted({*root.glob("*.json"), *root.glob("*/public.json")})
-    keys = ClientKeys(source=str(root))
+    keys = ClientKeys(source=str(root), origin=origin)
     for file in files:
         try:
             public = load_public(file)
@@ -67,6 +81,7 @@ def load_client_keys(path: str | os.PathLike[str]) -> ClientKeys:
             continue
         key_id = public.ids.ed25519
         keys.by_id[key_id] = public.ed25519_public
+        keys.names[key_id] = public.name
         partition = _partition(public.name, file)
         if partition is not None:
             keys.partition_of[key_id] = partition
