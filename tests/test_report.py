@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+from html import escape
 
 import pytest
 
@@ -57,7 +58,14 @@ def test_writes_three_files(paths, run):
     assert all(p.parent == run and p.stat().st_size > 0 for p in paths.values())
 
 
-def test_report_json_fields(report):
+UNIT = ("record-level (ε, δ) per data holder, over the holder's lifetime on its data set; "
+        "δ = 1e-05")
+
+
+def test_report_json_fields(report, paths):
+    # the unit of every ε comes first
+    assert next(iter(report)) == "unit" and report["unit"] == UNIT
+    assert paths["json"].read_text(encoding="utf-8").splitlines()[1].startswith('  "unit": ')
     assert report["format"] == "fedvault-privacy-report" and report["run_id"] == "4242"
     summary = report["summary"]
     assert summary["dataset"] == "digits" and summary["model"] == "lenet5"
@@ -71,6 +79,9 @@ def test_report_json_fields(report):
     for c in clients:
         assert 0 < c["epsilon_spent"] <= BUDGET
         assert c["epsilon_remaining"] == pytest.approx(BUDGET - c["epsilon_spent"])
+        assert c["epsilon_budget"] == BUDGET and c["run_epsilon_budget"] == BUDGET
+        assert c["epsilon_this_run"] == c["epsilon_spent"]  # a new holder: all of it this run
+        assert len(c["chain_id"]) == 32
         assert c["rounds_trained"] == 5 and c["refusals"] == 1 and c["source"] == "ledger"
         assert c["audit_ok"] is True and "rdp" in c["recomputed_epsilon"]
     rounds = report["rounds"]
@@ -83,27 +94,36 @@ def test_report_json_fields(report):
     assert mech["steps"] == 40 and mech["max_grad_norm"] == 1.0 and mech["delta"] == 1e-5
     assert report["warnings"] == []
     assert report["audit"]["verdict"] == "pass" and report["audit"]["verdict_ok"] is True
+    assert "consistent, NOT independent: these keys came from the server" in (
+        report["audit"]["verdict_line"]
+    )
+    assert "train_loss" not in json.dumps(report) and "train_seconds" not in json.dumps(report)
 
 
 def test_report_md_has_the_clients_table(paths):
     md = paths["md"].read_text(encoding="utf-8")
-    assert md.startswith("# fedvault privacy report — run 4242")
-    assert "| client | ε spent | budget ε | remaining ε | rounds trained | refusals |" in md
+    assert md.splitlines()[0] == f"ε in this report: {UNIT}."
+    assert "\n# fedvault privacy report — run 4242\n" in md
+    assert ("| client | lifetime ε spent | lifetime budget ε | remaining ε | this run added ε "
+            "| run budget ε | rounds trained | refusals |") in md  # fmt: skip
     for pid in range(CLIENTS):
         assert re.search(rf"^\| {pid} \| \d+\.\d{{3}} \| 5\.000 \|", md, re.M)
     assert "Mechanism parameters" in md and "Audit: PASSED" in md
+    assert "NOT independent" in md
 
 
 def test_report_html_is_self_contained(paths):
     html = paths["html"].read_text(encoding="utf-8")
     assert "<title>fedvault privacy report — run 4242</title>" in html
+    body = html.split("<body>\n", 1)[1]
+    assert body.startswith(f'<p id="unit"><strong>ε in this report: {escape(UNIT)}.')
     assert not URL_ATTR.search(html)
     assert "http://" not in html and "https://" not in html  # not even a namespace URL
     assert "@import" not in html and "url(http" not in html and "<script" not in html
     assert "<svg" in html or "data:image/png;base64" in html
     assert html.count("<svg") == 3  # ε per client, accuracy, accuracy against ε
     table = re.search(r'<table id="clients">.*?</table>', html, re.S)
-    assert table and "ε spent" in table.group(0)
+    assert table and "lifetime ε spent" in table.group(0) and "this run added ε" in table.group(0)
     ids = re.findall(r'\bid="([^"]+)"', html)
     assert len(ids) == len(set(ids))  # several inline SVGs, no clashing ids
 
@@ -156,6 +176,26 @@ def test_budget_exceeded_warning_and_failed_audit(tmp_path, recomputer):
     assert all(c["budget_exceeded"] for c in report["clients"])
     assert "advice-budget-exceeded" in {w["code"] for w in report["warnings"]}
     assert report["audit"]["verdict"] == "fail"
+
+
+def test_second_run_reports_lifetime_and_what_this_run_added(tmp_path, recomputer):
+    holders: dict = {}
+    write_synthetic_run(tmp_path / "a", clients=2, rounds=2, budget=8.0, run_budget=3.0,
+                        run_id="71", ledgers=holders, recomputer=recomputer)  # fmt: skip
+    before = {p: h.epsilon_spent for p, h in holders.items()}
+    run = write_synthetic_run(tmp_path / "b", clients=2, rounds=2, budget=8.0, run_budget=3.0,
+                              run_id="72", ledgers=holders, recomputer=recomputer)  # fmt: skip
+    report = json.loads(write_report(run)["json"].read_text())
+    assert report["audit"]["verdict"] == "pass", report["audit"]["findings"]
+    for c in report["clients"]:
+        pid = c["partition_id"]
+        assert c["epsilon_spent"] == holders[pid].epsilon_spent  # lifetime, not this run's
+        assert c["epsilon_this_run"] == pytest.approx(c["epsilon_spent"] - before[pid])
+        assert 0 < c["epsilon_this_run"] <= 3.0 and c["run_epsilon_budget"] == 3.0
+        assert c["epsilon_remaining"] == pytest.approx(8.0 - c["epsilon_spent"])
+        assert c["rounds_trained"] == 2  # this run's rounds, not the chain's length
+    entries = sum(len(h) for h in holders.values())  # whole chains, earlier runs included
+    assert report["summary"]["ledger"] == f"present ({entries} entries)"
 
 
 def test_not_a_run_dir(tmp_path):

@@ -18,8 +18,10 @@ it, and the audit's verdict says so.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -28,6 +30,17 @@ from common.privacy.findings import Finding, Severity, finding
 from common.privacy.ledger import GENESIS_HASH, UNIT_RECORD, LedgerEntry
 
 PLAN_TOLERANCE = 1e-12  # relative: q == 1/⌈n/B⌉ as floats
+
+
+def _entry_hash(entry: LedgerEntry) -> str:
+    """``entry.compute_hash()`` without ``dataclasses.asdict``'s deep copy (which is most of
+    an audit's time on 5,000 entries): the fields are flat strings and numbers, so the dict
+    of the instance is the same mapping. :func:`verify_chain` checks the two agree on the
+    first entry it sees and otherwise uses ``compute_hash``."""
+    data = {k: v for k, v in vars(entry).items() if k not in ("hash", "signature")}
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False)  # fmt: skip
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def chains(entries: Iterable[LedgerEntry]) -> dict[str, list[LedgerEntry]]:
@@ -85,9 +98,12 @@ def verify_chain(
     for key_id, pid in (partition_of or {}).items():
         key_of.setdefault(pid, key_id)
     findings: list[Finding] = []
+    hash_of = _entry_hash
+    if entries and _entry_hash(entries[0]) != entries[0].compute_hash():
+        hash_of = LedgerEntry.compute_hash  # the entry format changed: the slow, sure way
     for chain in chains(entries).values():
         findings.extend(_verify_one_chain(chain, public_key_by_signer, partition_of or {},
-                                          key_of, run_id))  # fmt: skip
+                                          key_of, run_id, hash_of))  # fmt: skip
     return findings
 
 
@@ -97,6 +113,7 @@ def _verify_one_chain(
     partition_of: Mapping[str, int],
     key_of: Mapping[int, str],
     run_id: str | None,
+    hash_of: Callable[[LedgerEntry], str],
 ) -> list[Finding]:
     pid = holder_partition(chain, run_id)
     out: list[Finding] = []
@@ -104,7 +121,7 @@ def _verify_one_chain(
     first = chain[0]
     for entry in chain:
         at = Label.of(entry, pid, run_id)
-        expected = entry.compute_hash()
+        expected = hash_of(entry)
         if expected != entry.hash:
             out.append(
                 at.finding(

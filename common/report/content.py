@@ -5,6 +5,12 @@ script reading ``report.json`` sees exactly what a person reads in ``report.html
 
 Sources, per value: the ledger when there is one (what each client signed), metrics.json
 otherwise (what the server recorded); ``source`` fields say which.
+
+Every ε here is record-level (ε, δ) per data holder over the holder's *lifetime* on its data
+set (all runs it trained in), as the v2 ledger states it; ``unit`` (the first key, and the
+first line of report.md and report.html) says so. Per client the report shows the lifetime
+spend, the lifetime budget and what remains, and what *this* run added: the cumulative ε at
+the holder's last entry of this run minus the cumulative ε before its first entry of this run.
 """
 
 from __future__ import annotations
@@ -18,25 +24,40 @@ from common.privacy.findings import Finding
 from common.privacy.ledger import KIND_CLIENT_DP_SGD, LEDGER_FILE, LedgerEntry
 from common.report.audit import AuditResult
 from common.report.checks import budget_warning, mechanism_warnings
+from common.report.completeness import refused as _refused
 from common.report.rundata import RunData
 
 log = logging.getLogger("fedvault.report.content")
 
 REPORT_FORMAT = "fedvault-privacy-report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2
+UNIT = "record-level (ε, δ) per data holder, over the holder's lifetime on its data set"
+
+
+def unit_line(data: RunData) -> str:
+    """What every ε in the report means (the report's first line)."""
+    if not data.dp:
+        return "no DP (dp = false): this run makes no privacy claim, and the report states no ε"
+    deltas = sorted({e.delta for e in data.entries if e.run_id == data.run_id})
+    if not deltas and data.config.get("target-delta") is not None:
+        deltas = [float(data.config["target-delta"])]
+    delta = ", ".join(f"{d:g}" for d in deltas) if deltas else "unknown"
+    return f"{UNIT}; δ = {delta}"
 
 
 def build_report(data: RunData, audit: AuditResult | None) -> dict[str, Any]:
     """The report of one run (``audit`` may be None when it was not run)."""
     ledger_by_client = _ledger_by_client(data.entries, data.run_id)
     use_ledger = data.dp and bool(ledger_by_client)
-    clients = _clients(data, ledger_by_client if use_ledger else {})
+    clients = _clients(data, ledger_by_client if use_ledger else {},
+                       _before_run(data) if use_ledger else {})  # fmt: skip
     rounds = _rounds(data, ledger_by_client if use_ledger else {})
     mechanisms = _mechanisms(data, ledger_by_client if use_ledger else {})
     summary = _summary(data, clients, rounds)
     warnings = _warnings(data, clients, mechanisms)
     _attach_audit(clients, audit)
     return {
+        "unit": unit_line(data),
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
@@ -68,18 +89,32 @@ def _ledger_by_client(entries: list[LedgerEntry], run_id: str) -> dict[int, list
     return {pid: sorted(es, key=lambda e: e.round) for pid, es in sorted(grouped.items())}
 
 
-def _refused(failure: dict[str, Any]) -> bool:
-    """A refusal (the client's budget or policy), not a failure: ``refused`` (v2) or
-    ``refused_budget`` (older metrics.json)."""
-    return bool(failure.get("refused") or failure.get("refused_budget"))
-
-
-def _budget(data: RunData) -> float | None:
+def _run_budget(data: RunData) -> float | None:
     value = data.config.get("target-epsilon")
     return float(value) if data.dp and isinstance(value, int | float) else None
 
 
-def _clients(data: RunData, ledger: dict[int, list[LedgerEntry]]) -> list[dict[str, Any]]:
+def _before_run(data: RunData) -> dict[int, float]:
+    """Per client of this run: its lifetime cumulative ε before its first entry of this run
+    (0 for a new holder), from the chain's entry just before it."""
+    out: dict[int, float] = {}
+    by_chain: dict[str, list[LedgerEntry]] = defaultdict(list)
+    for e in data.entries:
+        if e.kind == KIND_CLIENT_DP_SGD:
+            by_chain[e.chain_id].append(e)
+    for chain in by_chain.values():
+        chain.sort(key=lambda e: e.seq)
+        for k, e in enumerate(chain):
+            if e.run_id == data.run_id:
+                if e.partition_id not in out:
+                    out[e.partition_id] = chain[k - 1].epsilon_cumulative if k else 0.0
+                break
+    return out
+
+
+def _clients(
+    data: RunData, ledger: dict[int, list[LedgerEntry]], before: dict[int, float]
+) -> list[dict[str, Any]]:
     trained: dict[int, list[dict[str, Any]]] = defaultdict(list)
     refusals: dict[int, int] = defaultdict(int)
     failures: dict[int, int] = defaultdict(int)
@@ -96,32 +131,45 @@ def _clients(data: RunData, ledger: dict[int, list[LedgerEntry]]) -> list[dict[s
                 failures[pid] += 1
     seen.update(trained, refusals, failures)
     seen.discard(-1)  # a reply from a node whose partition was never learned
-    budget = _budget(data)
     rows = []
     for pid in sorted(seen):
         entries = ledger.get(pid, [])
         records = trained.get(pid, [])
+        chain_id = None
         if entries:
-            spent: float | None = entries[-1].epsilon_cumulative
-            own_budget = entries[-1].epsilon_budget
+            last = entries[-1]
+            spent: float | None = last.epsilon_cumulative
+            budget: float | None = last.epsilon_budget
+            run_budget: float | None = last.run_epsilon_budget
+            added: float | None = spent - before.get(pid, 0.0)
             source = "ledger"
             rounds_trained = len(entries)
+            chain_id = last.chain_id
         else:
-            eps = [c.get("epsilon") for c in records if c.get("epsilon") is not None]
-            spent = eps[-1] if eps else None
-            own_budget = budget
+            eps = [c for c in records if c.get("epsilon") is not None]
+            spent = eps[-1]["epsilon"] if eps else None
+            budget = None  # the holder's lifetime budget is in its ledger only
+            run_budget = _run_budget(data)
+            added = None
+            if eps and eps[0].get("round_epsilon") is not None:
+                added = float(eps[-1]["epsilon"]) - (
+                    float(eps[0]["epsilon"]) - float(eps[0]["round_epsilon"])
+                )
             source = "metrics.json" if eps else ("none (no DP)" if not data.dp else "none")
             rounds_trained = len(records)
-        limits = [x for x in (own_budget, budget) if x is not None]
-        limit = min(limits) if limits else None
-        remaining = None if spent is None or limit is None else limit - spent
+            chain_id = next((c.get("chain_id") for c in records if c.get("chain_id")), None)
+        remaining = None if spent is None or budget is None else budget - spent
+        over_run = added is not None and run_budget is not None and added > run_budget
         rows.append(
             {
                 "partition_id": pid,
+                "chain_id": chain_id,
                 "epsilon_spent": spent,
-                "epsilon_budget": limit,
+                "epsilon_budget": budget,
                 "epsilon_remaining": remaining,
-                "budget_exceeded": remaining is not None and remaining < 0,
+                "epsilon_this_run": added,
+                "run_epsilon_budget": run_budget,
+                "budget_exceeded": (remaining is not None and remaining < 0) or over_run,
                 "rounds_trained": rounds_trained,
                 "refusals": refusals.get(pid, 0),
                 "failures": failures.get(pid, 0),
@@ -214,6 +262,8 @@ def _summary(
 ) -> dict[str, Any]:
     cfg, summary, final = data.config, data.summary, data.final
     spent = [c["epsilon_spent"] for c in clients if c["epsilon_spent"] is not None]
+    added = [c["epsilon_this_run"] for c in clients if c["epsilon_this_run"] is not None]
+    lifetime = sorted({c["epsilon_budget"] for c in clients if c["epsilon_budget"] is not None})
     if not data.dp:
         ledger = "not applicable (DP disabled)"
     elif data.ledger_present:
@@ -244,6 +294,9 @@ def _summary(
         "accountant": dp_value("accountant"),
         "max_grad_norm": dp_value("max-grad-norm"),
         "max_epsilon_spent": max(spent) if spent else None,
+        "max_epsilon_this_run": max(added) if added else None,
+        "lifetime_budgets": lifetime if data.dp else [],
+        "epsilon_unit": unit_line(data),
         "wall_seconds": summary.get("wall_seconds"),
         "train_examples": summary.get("train_examples"),
         "ledger": ledger,
@@ -279,11 +332,23 @@ def _warnings(
                 for dd in delta if isinstance(delta, list) else [delta]:
                     out.extend(mechanism_warnings(row["partition_id"], nn, qq, dd))
     for c in clients:
-        if c["budget_exceeded"]:
-            warning = budget_warning(
-                c["partition_id"], None, c["epsilon_spent"], c["epsilon_budget"], c["source"]
+        remaining, added, run_budget = (
+            c["epsilon_remaining"], c["epsilon_this_run"], c["run_epsilon_budget"]
+        )
+        if remaining is not None and remaining < 0:
+            out.append(
+                budget_warning(
+                    c["partition_id"], None, c["epsilon_spent"], c["epsilon_budget"],
+                    f"lifetime ε, from the {c['source']}",
+                )
             )
-            out.append(warning)
+        if added is not None and run_budget is not None and added > run_budget:
+            out.append(
+                budget_warning(
+                    c["partition_id"], None, added, run_budget,
+                    f"what this run added, over the run's budget, from the {c['source']}",
+                )
+            )
     return out
 
 

@@ -72,12 +72,16 @@ def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("differential privacy", "DP-SGD per client" if dp else "disabled (dp = false)"),
     ]  # fmt: skip
     if dp:
+        lifetime = summary.get("lifetime_budgets") or []
         rows += [
-            ("budget (ε, δ)", f"ε = {num(summary.get('target_epsilon'))}, "
-                              f"δ = {num(summary.get('target_delta'))}"),
+            ("ε unit", str(summary.get("epsilon_unit") or DASH)),
+            ("this run may add (target ε, δ)", f"ε = {num(summary.get('target_epsilon'))}, "
+                                               f"δ = {num(summary.get('target_delta'))}"),
+            ("holders' lifetime budgets ε", " / ".join(eps(b) for b in lifetime) or DASH),
             ("accountant", num(summary.get("accountant"))),
             ("clipping norm C", num(summary.get("max_grad_norm"))),
-            ("largest ε spent", eps(summary.get("max_epsilon_spent"))),
+            ("largest lifetime ε spent", eps(summary.get("max_epsilon_spent"))),
+            ("largest ε added by this run", eps(summary.get("max_epsilon_this_run"))),
         ]  # fmt: skip
     rows += [
         ("privacy ledger", num(summary.get("ledger"))),
@@ -94,6 +98,8 @@ def client_cells(client: dict[str, Any]) -> list[str]:
         eps(client.get("epsilon_spent")),
         eps(client.get("epsilon_budget")),
         eps(client.get("epsilon_remaining")),
+        eps(client.get("epsilon_this_run")),
+        eps(client.get("run_epsilon_budget")),
         str(client.get("rounds_trained", 0)),
         str(client.get("refusals", 0)),
         str(client.get("failures", 0)),
@@ -104,8 +110,9 @@ def client_cells(client: dict[str, Any]) -> list[str]:
 
 
 CLIENT_HEADERS = [
-    "client", "ε spent", "budget ε", "remaining ε", "rounds trained", "refusals", "failures",
-    "recomputed ε (last round)", "audit", "source",
+    "client", "lifetime ε spent", "lifetime budget ε", "remaining ε", "this run added ε",
+    "run budget ε", "rounds trained", "refusals", "failures", "recomputed ε (last round)",
+    "audit", "source",
 ]  # fmt: skip
 
 MECHANISM_HEADERS = [

@@ -76,7 +76,8 @@ def _integer_rounds(ax) -> None:
 def epsilon_plot(
     series: Mapping[int, Sequence[tuple[int, float]]], budget: float | None
 ) -> str:
-    """Cumulative ε of each client across rounds, the budget as a horizontal line."""
+    """Lifetime cumulative ε of each client across this run's rounds, the lifetime budget as a
+    horizontal line (when the holders share one)."""
     import matplotlib
 
     with matplotlib.rc_context(RC):
@@ -94,12 +95,12 @@ def epsilon_plot(
             )  # fmt: skip
         if budget is not None:
             ax.axhline(budget, color="#c0392b", linestyle="--", linewidth=1.2,
-                       label=f"budget ε = {budget:g}")  # fmt: skip
+                       label=f"lifetime budget ε = {budget:g}")  # fmt: skip
         ax.set_xlabel("round")
         _integer_rounds(ax)
-        ax.set_ylabel("cumulative ε")
+        ax.set_ylabel("lifetime cumulative ε")
         ax.set_ylim(bottom=0)
-        ax.set_title("ε spent per client" + (f" ({len(series)} clients)" if many else ""))
+        ax.set_title("lifetime ε spent per client" + (f" ({len(series)} clients)" if many else ""))
         ax.legend(fontsize=7, ncols=2, loc="lower right")
         return figure_html(fig, "epsilon-per-client")
 

@@ -44,6 +44,7 @@ def render_html(report: dict[str, Any]) -> str:
     run_id = str(report["run_id"])
     title = f"fedvault privacy report — run {run_id}"
     body = [
+        f'<p id="unit"><strong>ε in this report: {escape(report["unit"])}.</strong></p>',
         f"<h1>{escape(title)}</h1>",
         _verdict(report["audit"], report["summary"]),
         "<h2>Run summary</h2>",
@@ -88,8 +89,9 @@ def _table(headers: list[str], rows: list[list[str]], table_id: str, classes=Non
 def _verdict(audit: dict[str, Any], summary: dict[str, Any]) -> str:
     verdict = audit.get("verdict")
     label, css = {
-        "pass": ("audit passed: every ε claim verified", "pass"),
+        "pass": ("audit PASSED", "pass"),
         "fail": ("audit FAILED", "fail"),
+        "not-verified": ("audit NOT VERIFIED", "fail"),
         "not-applicable": ("no DP: nothing to audit", "na"),
     }.get(verdict, ("audit not run", "na"))
     detail = audit.get("summary", "")
@@ -114,9 +116,11 @@ def _clients(clients: list[dict[str, Any]]) -> str:
         "bad" if c.get("budget_exceeded") or c.get("audit_ok") is False else "" for c in clients
     ]
     note = (
-        '<p class="muted">ε spent: the cumulative ε after the client\'s last trained round '
-        "(composed over all its rounds by its accountant). Refusals: rounds the client refused "
-        "because training would have exceeded its budget.</p>"
+        '<p class="muted">Lifetime ε spent: the holder\'s cumulative ε after its last round of '
+        "this run, composed by its accountant over every round it ever trained on its data set "
+        "(all runs). This run added: that minus the cumulative ε before its first round of this "
+        "run. Remaining: lifetime budget minus lifetime ε spent. Refusals: rounds the client "
+        "refused because training would have exceeded its lifetime or this run's budget.</p>"
     )
     return _table(fmt.CLIENT_HEADERS, rows, "clients", classes) + note
 
@@ -131,7 +135,8 @@ def _plots(report: dict[str, Any]) -> str:
             for r in rounds:
                 for pid, value in r["epsilon_by_client"].items():
                     series[int(pid)].append((r["round"], value))
-            budget = summary.get("target_epsilon")
+            lifetime = summary.get("lifetime_budgets") or []
+            budget = lifetime[0] if len(lifetime) == 1 else None
             figures.append(plots.epsilon_plot(series, float(budget) if budget else None))
         accuracy = [(r["round"], r["test_accuracy"]) for r in rounds
                     if r["test_accuracy"] is not None]  # fmt: skip
@@ -191,12 +196,15 @@ def _audit(audit: dict[str, Any]) -> str:
         f for f in audit.get("findings", []) if not str(f.get("code", "")).startswith("advice-")
     ]
     how = (
-        '<p class="muted">The audit recomputes every client\'s cumulative ε from the mechanism '
-        "parameters in its signed, hash-chained ledger entries with Opacus's PRV and RDP "
-        f"accountants (tolerance {fmt.pct(audit.get('tolerance'))}), checks each chain's hashes "
-        "and signatures, the per-round increments, the budgets, and that every DP round in "
-        "metrics.json has a ledger entry. Re-run it with <code>fedvault audit RUN_DIR</code>."
-        "</p>"
+        '<p class="muted">The audit recomputes every holder\'s lifetime cumulative ε from the '
+        "mechanism parameters in its signed, hash-chained ledger entries (from its first entry, "
+        "in any run) with Opacus's PRV and RDP accountants (tolerance "
+        f"{fmt.pct(audit.get('tolerance'))}), checks each chain's hashes and signatures, that q "
+        "and steps follow from the signed n, B and epochs, the per-round increments, the "
+        "lifetime and per-run budgets, and that every DP round in metrics.json has a ledger "
+        "entry and every key given has entries. Its verdict is only as independent as the keys "
+        "it used: re-run it with <code>fedvault audit RUN_DIR --keys DIR</code> with keys you got "
+        "from the clients; give it several runs to compare each holder's chain across them.</p>"
     )
     return _findings(findings, "audit", "No findings.") + how
 

@@ -36,11 +36,14 @@ def render_md(report: dict[str, Any]) -> str:
     audit = report["audit"]
     summary = report["summary"]
     verdict = {
-        "pass": "PASSED: every ε claim verified",
+        "pass": "PASSED",
         "fail": "FAILED",
+        "not-verified": "NOT VERIFIED",
         "not-applicable": "not applicable (no DP)",
     }.get(audit.get("verdict"), "not run")
     lines = [
+        f"ε in this report: {report['unit']}.",
+        "",
         f"# fedvault privacy report — run {report['run_id']}",
         "",
         f"**Audit: {verdict}.** {audit.get('summary', '')}".rstrip(),
