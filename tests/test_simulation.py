@@ -22,7 +22,7 @@ def fedvault(*args, check=True):
 
 
 def _run_dir(out):
-    (run_dir,) = [p for p in out.iterdir() if p.is_dir() and p.name != "keys"]
+    (run_dir,) = [p for p in out.iterdir() if p.is_dir() and p.name not in ("keys", "federations")]
     return run_dir
 
 
@@ -64,14 +64,11 @@ def test_round_timing_splits_the_servers_wall_time(digits_run):
     for r in metrics["rounds"]:
         t = r["timing"]
         phases = ("train_phase_s", "aggregate_s", "evaluate_phase_s", "central_eval_s")
-        assert set(t) == {*phases, "client_eval_s", "train_reply_lag_s"}
+        assert set(t) == {*phases, "train_reply_lag_s"}
         assert all(t[k] >= 0 for k in phases)
         assert 0 <= t["train_reply_lag_s"] < 2.0  # relay + polling at most 0.2 s apart
-        # the clients' work happens inside the server's phases
-        assert t["train_phase_s"] >= max(c["train_seconds"] for c in r["clients"]) > 0
         assert t["aggregate_s"] < t["train_phase_s"]
-        assert sorted(t["client_eval_s"]) == ["0", "1", "2"]
-        assert t["evaluate_phase_s"] >= max(t["client_eval_s"].values()) > 0
+        assert t["evaluate_phase_s"] > 0
         assert 0 < t["central_eval_s"] < r["duration_s"]
         assert r["federated_evaluation"]["eval-accuracy"] > 0.1
         in_rounds += t["train_phase_s"] + t["evaluate_phase_s"] + t["central_eval_s"]
@@ -113,11 +110,45 @@ def test_budget_refusal_leaves_clients_out_and_the_run_goes_on(flower_home, tmp_
     for later in rounds[1:]:
         assert later["clients"] == []
         assert sorted(f["partition_id"] for f in later["failures"]) == [0, 1, 2]
-        assert all(f["refused_budget"] for f in later["failures"])
+        assert all(f["refused"] and f["code"] == 4001 for f in later["failures"])
         assert "privacy budget exhausted" in later["failures"][0]["reason"]
         assert later["max_epsilon"] == rounds[0]["max_epsilon"] <= 7.0
         assert later["test_accuracy"] == rounds[0]["test_accuracy"]  # nothing aggregated
     assert "refuses to train" in (run_dir / "simulation.log").read_text()
+
+
+def test_a_kept_federation_spends_one_lifetime_budget_across_runs(flower_home, tmp_path):
+    """Two runs on the same simulated holders compose (before: each run started at ε 0),
+    and a run asking them to train without DP is refused by every holder."""
+    from common.federation_keys import client_dir
+    from common.privacy.policy import POLICY_FILE, PrivacyPolicy
+
+    keys = tmp_path / "holders"
+    fedvault("keys", "federation", "--out", str(keys), "--clients", "3")
+    for pid in range(3):  # each holder's own policy: ε 8 for the lifetime of its data
+        PrivacyPolicy(dataset_id=f"holder-{pid}", lifetime_epsilon=8.0).save(
+            client_dir(keys, pid) / POLICY_FILE
+        )
+    common = ["--num-clients", "3", "--set", f"keys-dir={keys}", "--set", "num-server-rounds=2",
+              "--set", "target-epsilon=4.0"]  # fmt: skip
+    runs = []
+    for name in ("first", "second"):
+        fedvault("simulate", "digits-dp", *common, "--output-dir", str(tmp_path / name))
+        runs.append(json.loads((_run_dir(tmp_path / name) / "metrics.json").read_text()))
+    first_end = {c["partition_id"]: c["epsilon"] for c in runs[0]["rounds"][-1]["clients"]}
+    second = runs[1]["rounds"]
+    for c in second[0]["clients"]:  # run 2 continues where run 1 stopped
+        assert c["epsilon"] > first_end[c["partition_id"]]
+    assert 3.9 < max(first_end.values()) <= 4.0
+    assert 7.9 < second[-1]["max_epsilon"] <= 8.0  # the lifetime budget, not 2 × 4 fresh ones
+    downgraded = fedvault("simulate", "digits-dp", *common, "--set", "dp=false",
+                          "--output-dir", str(tmp_path / "nodp"), check=False)  # fmt: skip
+    assert downgraded.returncode == 1
+    assert "require-dp = true" in downgraded.stderr
+    failures = json.loads((_run_dir(tmp_path / "nodp") / "metrics.json").read_text())
+    refusals = failures["rounds"][0]["failures"]
+    assert sorted(f["partition_id"] for f in refusals) == [0, 1, 2]
+    assert all(f["refused"] and f["code"] == 4002 for f in refusals)
 
 
 @pytest.mark.parametrize(
