@@ -262,3 +262,33 @@ def test_restarted_supernode_continues_its_privacy_account(
     assert eps(1, 3) == pytest.approx(eps(0, 2), rel=1e-9)
     assert 0 < eps(0, 1) < eps(0, 2) < eps(0, 3) <= budget
     assert max(r["max_epsilon"] for r in rounds.values()) <= budget
+
+
+@pytest.mark.parametrize(
+    "downgrade,expected",
+    [
+        # the review's attack: a huge budget and little noise (a round at ε 34.6 before)
+        ({"target-epsilon": 1000.0, "noise-multiplier": 0.3}, "over its lifetime budget"),
+        # sealing switched off by the run config while the holders pinned the server's key
+        ({"encrypt-updates": False}, "pinned the server's key"),
+    ],
+    ids=["budget-and-noise", "no-sealing"],
+)
+def test_real_supernodes_refuse_a_downgraded_run(
+    work, federation, encrypted_data, operator, supernodes, downgrade, expected
+):
+    """The run config is the operator's request; each SuperNode's holder policy (here the
+    built-in default: lifetime ε 8, DP and sealing required) decides. Nothing trains, each
+    node logs its refusal, and the run still ends with its record."""
+    home, _ = operator
+    procs, _ = supernodes
+    name = "-".join(sorted(downgrade))
+    config = {**_run_config(work, federation, encrypted_data, 1), **downgrade,
+              "output-dir": str(work / f"runs-{name}"), "round-timeout": 60.0}  # fmt: skip
+    run = deploy.run_app(REPO, home, config, work / f"run-{name}.log")
+    (only,) = json.loads((run.run_dir / "metrics.json").read_text())["rounds"]
+    assert only["clients"] == [], "a client trained on a downgraded run"
+    assert sorted(f["partition_id"] for f in only["failures"]) == [0, 1]
+    assert all(expected in f["reason"] for f in only["failures"]), only["failures"]
+    for proc in procs:
+        assert expected in proc.text(), f"no refusal logged on the node:\n{proc.text()[-3000:]}"
