@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -49,7 +50,25 @@ def simulate(scenario: str, out: Path, *sets: str, clients: int | None = None) -
     run_dir = max((p for p in out.iterdir() if (p / "metrics.json").exists()),
                   key=lambda p: p.stat().st_mtime)  # fmt: skip
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {"wall_seconds": seconds, "metrics": metrics, "run_dir": str(run_dir)}
+    log_text = (run_dir / "simulation.log").read_text(errors="replace")
+    return {"wall_seconds": seconds, "metrics": metrics, "run_dir": str(run_dir),
+            "client_train_seconds": client_train_seconds(log_text)}  # fmt: skip
+
+
+CLIENT_TRAINED = re.compile(
+    r"fedvault\.client: partition \d+, round (\d+): .*trained in ([0-9.]+) s"
+)
+
+
+def client_train_seconds(log_text: str, from_round: int = 1) -> list[float]:
+    """Each client's ``train_local`` seconds in rounds ≥ ``from_round``, from the clients' own
+    log lines: clients do not send their timings to the server (they reveal the data size),
+    so a benchmark reads the log of the machine it runs on."""
+    return [
+        float(m.group(2))
+        for m in CLIENT_TRAINED.finditer(log_text)
+        if int(m.group(1)) >= from_round
+    ]
 
 
 # --------------------------------------------------------------------------------------------

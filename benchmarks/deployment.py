@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, free_port, median, save, table
+from benchmarks.common import REPO, client_train_seconds, free_port, median, save, table
 from common import deploy
 from common.config import RunConfig
 from common.provision import (
@@ -129,16 +129,24 @@ def export_stock_app(out: Path) -> tuple[Path, str] | None:
     return out, parent
 
 
-def one_run(home: Path, config: dict[str, Any], log_file: Path,
+def one_run(home: Path, config: dict[str, Any], log_file: Path, node_logs: list[Path],
             app: Path = REPO) -> dict[str, Any]:  # fmt: skip
+    """One run; the clients' training seconds come from what the SuperNodes logged during
+    it (clients never send timings: they reveal the data size)."""
+    offsets = [p.stat().st_size if p.exists() else 0 for p in node_logs]
     run = deploy.run_app(app, home, config, log_file, timeout=RUN_TIMEOUT_S)
+    trained: list[float] = []
+    for path, offset in zip(node_logs, offsets, strict=True):
+        with path.open("rb") as f:
+            f.seek(offset)
+            trained += client_train_seconds(f.read().decode(errors="replace"))
     metrics = json.loads((run.run_dir / "metrics.json").read_text())
     rounds = metrics["rounds"]
     return {
         "run_id": run.run_id,
         "wall_seconds": run.seconds,
         "round_seconds": [float(r["duration_s"]) for r in rounds],
-        "client_train_seconds": [c["train_seconds"] for r in rounds for c in r["clients"]],
+        "client_train_seconds": trained,
         "failures": [f for r in rounds for f in r["failures"]],
         "round_timing": [r.get("timing") for r in rounds] if "timing" in rounds[0] else None,
     }
@@ -202,7 +210,9 @@ def run(quick: bool = False) -> dict[str, Any]:
                     for name, poll, _, old in group:
                         config = run_config(fed, work, enc, rounds, poll)
                         app = stock[0] if old and stock is not None else REPO
-                        r = one_run(home, config, work / f"run-{name}-{i}.log", app)
+                        tag = "tuned" if tuned else "stock"
+                        node_logs = [work / f"supernode-{tag}-{p}.log" for p in range(NUM_NODES)]
+                        r = one_run(home, config, work / f"run-{name}-{i}.log", node_logs, app)
                         results.setdefault(name, []).append(r)
                         print(f"  {name} run {i + 1}: rounds "
                               f"{', '.join(f'{s:.1f}' for s in r['round_seconds'])} s")  # fmt: skip
@@ -224,7 +234,10 @@ def run(quick: bool = False) -> dict[str, Any]:
                      f"range {s['steady_min_s']:.1f}-{s['steady_max_s']:.1f} s "
                      f"(n={s['steady_rounds']}); round 1 "
                      f"{', '.join(f'{x:.1f}' for x in s['round_1_s'])} s; "
-                     f"client training {s['client_train_median_s']:.2f} s; reply lag "
+                     "client training "
+                     + ("-" if s["client_train_median_s"] is None
+                        else f"{s['client_train_median_s']:.2f} s")
+                     + "; reply lag "
                      + ("-" if s["steady_train_reply_lag_median_s"] is None
                         else f"{s['steady_train_reply_lag_median_s']:.2f} s")))  # fmt: skip
     table(rows)

@@ -37,6 +37,7 @@ from benchmarks.common import (
     REPO,
     SHARED_DATA,
     TreeMemory,
+    client_train_seconds,
     free_port,
     import_psutil,
     median,
@@ -178,7 +179,7 @@ def summarise(metrics: dict[str, Any], lines: list[tuple[float, str]],
     # The partition query goes to every node between "[ROUND 1/R]" and the line that lists
     # what they answered; both lines come through the same log stream (about 0.5 s jitter).
     discovery = None if round_1 is None or found is None else found - round_1
-    train = [c["train_seconds"] for r in steady for c in r["clients"]]
+    train = client_train_seconds("".join(line for _, line in lines), from_round=2)
     examples = [c["num_examples"] for r in rounds for c in r["clients"]]
     seen: set[int] = set()
     first_timers = []  # sampled clients taking part for the first time (σ calibrated then)

@@ -18,8 +18,8 @@ Definitions (seconds; everything from ``metrics.json`` except the total wall tim
   the clients' training and the wait for the last reply), ``aggregate_s``,
   ``train_reply_lag_s`` (newest train reply created → aggregation starts: what the reply
   polling costs, plus relaying), ``evaluate_phase_s`` (federated), ``central_eval_s``.
-- client train / eval: Σ of ``clients[].train_seconds`` / ``timing.client_eval_s`` over
-  rounds and clients (train_seconds is ``train_local`` alone: not the data, model, privacy
+- client train: Σ of each client's ``train_local`` seconds from the clients' log lines
+  (``benchmarks.common.client_train_seconds``; not the data, model, privacy
   calibration and ledger work around it in the client's handler).
 - parallel actors: how many ClientApps run at once. Flower's Ray backend builds
   ⌊CPUs Ray sees / client-resources-num-cpus⌋ actors per Ray node
@@ -27,7 +27,7 @@ Definitions (seconds; everything from ``metrics.json`` except the total wall tim
   ``common/simulate.py`` sets ``client-resources-num-cpus=1``, and Ray counts the CPUs this
   process may use (``ray._private.utils.get_num_cpus``: affinity and cgroup quota). A phase
   never runs more ClientApps at once than it has clients, so actors = min(CPUs, clients).
-- overhead: wall − (Σ client train + Σ client eval) / actors − Σ central eval (round 0
+- overhead: wall − Σ client train / actors − Σ central eval (round 0
   included): everything that is not model compute spread over the actors — start-up,
   polling, serialisation, sealing, the client handlers' work around training, report.
 """
@@ -66,10 +66,9 @@ def split(run: dict[str, Any], clients: int) -> dict[str, Any]:
     def total(key: str) -> float:
         return sum(r["timing"].get(key, 0.0) for r in rounds)
 
-    client_train = [c["train_seconds"] for r in rounds for c in r["clients"]]
-    client_eval = [s for r in rounds for s in r["timing"].get("client_eval_s", {}).values()]
+    client_train = run["client_train_seconds"]
     central = total("central_eval_s") + summary.get("initial_eval_s", 0.0)
-    compute = (sum(client_train) + sum(client_eval)) / actors + central
+    compute = sum(client_train) / actors + central
     n = len(rounds)
     return {
         "rounds": n,
@@ -88,7 +87,6 @@ def split(run: dict[str, Any], clients: int) -> dict[str, Any]:
         "central_eval_s_total": central,
         "client_train_s_sum": sum(client_train),
         "client_train_s_mean": sum(client_train) / max(len(client_train), 1),
-        "client_eval_s_sum": sum(client_eval),
         "overhead_s": wall - compute,
         "overhead_fraction": (wall - compute) / wall,
         "final_test_accuracy": m["final"]["test_accuracy"],

@@ -13,6 +13,7 @@ ledger entries. Not the training loss, not the true size, not timings.
 from __future__ import annotations
 
 import logging
+import time
 from functools import lru_cache
 from pathlib import Path
 
@@ -92,6 +93,7 @@ def train(msg: Message, context: Context) -> Message:
                  pid, plan.declared_examples)  # fmt: skip
 
     model = _model(cfg, data, msg)
+    started = time.perf_counter()
     result = train_local(
         model, data.train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, momentum=cfg.momentum,
@@ -99,6 +101,7 @@ def train(msg: Message, context: Context) -> Message:
                       plan.steps_per_epoch, policy.accountant, cfg.grad_sample_mode),
     )  # fmt: skip
     assert result.mechanism is not None
+    seconds = time.perf_counter() - started
     before = session.spent
     entry = session.commit(
         plan, result.mechanism, run_id=str(context.run_id), server_round=server_round,
@@ -106,10 +109,10 @@ def train(msg: Message, context: Context) -> Message:
     )  # fmt: skip
     _store(context, path, session, signer)
     log.info(
-        "partition %d, round %d: %d steps, σ=%.4f, q=%.4f, lifetime ε %.4f → %.4f (budget %g), "
-        "local train loss %.4f (not sent)",
+        "partition %d, round %d: %d steps, σ=%.4f, q=%.4f, lifetime ε %.4f → %.4f (budget %g); "
+        "not sent: train loss %.4f, trained in %.3f s",
         pid, server_round, plan.steps, plan.noise_multiplier, plan.sample_rate, before,
-        entry.epsilon_cumulative, policy.lifetime_epsilon, result.train_loss,
+        entry.epsilon_cumulative, policy.lifetime_epsilon, result.train_loss, seconds,
     )  # fmt: skip
     metrics = {
         P.NUM_EXAMPLES: plan.declared_examples,  # FedAvg's weight: the declared, public size
