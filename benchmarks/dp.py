@@ -35,6 +35,7 @@ from benchmarks.common import REPO, peak_rss_mb, save, table
 from client.training import DPSettings, train_local
 from common.config import RunConfig
 from common.models import build_model
+from common.privacy.accounting import steps_per_epoch
 
 MODES = ("bookkeeping", "ghost", "hooks", "ew")
 REPEATS = 2
@@ -49,7 +50,8 @@ def scenario_batch(scenario: str = "mnist-iid-dp") -> int:
 def samples_per_second(model_name: str, data: TensorDataset, batch: int, mode: str | None,
                        classes: int, repeats: int = REPEATS) -> float:  # fmt: skip
     """Best training throughput over ``repeats`` epochs (a fresh model each: Opacus wraps it)."""
-    dp = None if mode is None else DPSettings(1.0, 1.0, "rdp", mode)
+    k = steps_per_epoch(len(data), batch)
+    dp = None if mode is None else DPSettings(1.0, 1.0, 1 / k, k, "rdp", mode)
     features = data.tensors[0].shape[-1]
 
     def epoch() -> float:

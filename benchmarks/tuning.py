@@ -59,7 +59,7 @@ def main() -> None:
     spent = epsilon_of([(sigma, q, steps)], a.delta, "prv")
     print(f"σ {sigma:.3f}, q {q:.4f}, {steps} steps per client: ε {spent:.3f} at δ {a.delta:g}")
 
-    dp = DPSettings(sigma, a.clip, "prv", "bookkeeping")
+    dp = DPSettings(sigma, a.clip, q, steps_per_epoch(n, a.batch), "prv", "bookkeeping")
     torch.manual_seed(a.seed)
     model = LeNet5(10, a.activation)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
