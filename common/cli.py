@@ -329,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     from common.report.cli import add_commands
 
     add_commands(sub)  # `fedvault report` and `fedvault audit`
+
+    from common.approved_app import add_commands as add_approved_app_commands
+
+    add_approved_app_commands(sub)  # `fedvault fab-hash` and `fedvault clientapp`
     return parser
 
 

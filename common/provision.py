@@ -17,7 +17,11 @@
   --auth-supernode-private-key``) and its OpenSSH public key (``flwr supernode register``);
 * ready-to-run shell scripts with the exact flags (``start-superlink.sh``,
   ``register-supernodes.sh``, ``flwr.sh``, ``client-<i>/start-supernode.sh``), which
-  resolve paths from their own location so a bundle keeps working after it is copied.
+  resolve paths from their own location so a bundle keeps working after it is copied;
+* per client, ``approved-apps.txt``: the FAB hashes (``fedvault fab-hash``) its holder
+  approved. ``start-supernode.sh`` runs the SuperNode with ``--isolation process`` and
+  ``fedvault clientapp`` (:mod:`common.approved_app`), which starts only ClientApps whose
+  FAB hash is in that file -- the holder's list, not the operator's (see docs/deploy.md).
 
 Layout of ``out_dir``::
 
@@ -35,7 +39,8 @@ Layout of ``out_dir``::
         supernode-auth.pub          its public key (already copied into superlink/)
         identity/                   client i's fedvault identity (key-dir)
         server-public.json          the server's public identity (server-public)
-        start-supernode.sh
+        approved-apps.txt           FAB hashes the holder approved (fedvault fab-hash)
+        start-supernode.sh          flower-supernode --isolation process + fedvault clientapp
 
 Private keys are written 0600 (atomically, see :mod:`common.crypto.files`); nothing is
 overwritten unless ``force``.
@@ -57,6 +62,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common.approved_app import check_hash
 from common.config import ConfigError
 from common.crypto import init_identity
 from common.crypto.errors import KeyExistsError
@@ -66,6 +72,7 @@ from common.federation_keys import SERVER, client_dir, server_dir
 log = logging.getLogger("fedvault.provision")
 
 __all__ = [
+    "APPROVED_APPS",
     "CONNECTION_NAME",
     "DEFAULT_SUPERLINK_PORT",
     "DEFAULT_SUPERNODE_RUNTIME_PORT",
@@ -81,10 +88,13 @@ __all__ = [
     "superlink_command",
     "supernode_command",
     "supernode_node_config",
+    "write_approved_apps",
     "write_flwr_config",
 ]
 
 MANIFEST = "federation.json"
+#: Per client: the FAB hashes its holder approved (``fedvault clientapp --approved-fab-hashes``).
+APPROVED_APPS = "approved-apps.txt"
 MANIFEST_FORMAT = "fedvault-federation"
 #: Flower 1.41 serves the Fleet, Control and Runtime HTTP APIs on this one port.
 DEFAULT_SUPERLINK_PORT = 8000
@@ -126,6 +136,7 @@ class ClientBundle:
     identity_dir: Path  # node config key-dir
     server_public: Path  # node config server-public
     start_script: Path
+    approved_apps: Path  # fedvault clientapp --approved-fab-hashes
 
 
 @dataclass(frozen=True)
@@ -159,6 +170,7 @@ def provision_federation(
     port: int = DEFAULT_SUPERLINK_PORT,
     extra_hosts: tuple[str, ...] = (),
     force: bool = False,
+    approved_apps: tuple[str, ...] = (),
 ) -> Federation:
     """Create the CA, the SuperLink's TLS and fedvault keys, and one bundle per client.
 
@@ -166,12 +178,15 @@ def provision_federation(
     certificate's SANs (``extra_hosts`` adds more, e.g. a second DNS name). Refuses with
     :class:`KeyExistsError` if ``out_dir`` already holds a federation, unless ``force``:
     replacing the CA locks out every SuperNode holding the old ``ca.pem``.
+    ``approved_apps``: FAB hashes written into every client's ``approved-apps.txt`` (a
+    proposal: each holder audits the app and keeps or replaces them; empty by default).
     """
     if num_clients < 1:
         raise ConfigError("--clients must be ≥ 1")
     if not 0 < port < 65536:
         raise ConfigError(f"--port {port} is not a TCP port (1-65535)")
     host = _normalise_host(superlink_host)
+    approved = tuple(check_hash(h) for h in approved_apps)
     out = Path(out_dir).expanduser().resolve()
     _refuse_overwrite(out, num_clients, force)
     _warn_if_inside_flower_app(out)
@@ -205,6 +220,7 @@ def provision_federation(
     clients = []
     for pid in range(num_clients):
         clients.append(_provision_client(out, pid, ca_pem, server_public, keys_dir, force))
+        write_approved_apps(clients[-1].approved_apps, approved)
 
     pubs = tuple(sl_dir / "supernode-keys" / f"client-{c.partition_id}.pub" for c in clients)
     federation = Federation(
@@ -282,6 +298,7 @@ def _provision_client(
         identity_dir=d / "identity",
         server_public=d / "server-public.json",
         start_script=d / "start-supernode.sh",
+        approved_apps=d / APPROVED_APPS,
     )
 
 
@@ -532,12 +549,15 @@ def supernode_command(
     *,
     runtime_port: int = DEFAULT_SUPERNODE_RUNTIME_PORT,
     state_dir: Path | str | None = None,
+    isolation: str | None = None,
 ) -> list[str]:
     """``flower-supernode`` over TLS (trusting only the federation's CA), authenticated.
 
     ``--port`` is the SuperNode's local Runtime API (ClientApp ↔ SuperNode, 127.0.0.1);
-    two SuperNodes on one machine need different ports.
+    two SuperNodes on one machine need different ports. ``isolation="process"``: the
+    SuperNode starts no ClientApp itself; ``fedvault clientapp`` (approved apps only) does.
     """
+    extra = [] if isolation is None else ["--isolation", isolation]
     return [
         "flower-supernode",
         "--superlink", superlink_address,
@@ -545,7 +565,23 @@ def supernode_command(
         "--auth-supernode-private-key", str(bundle.auth_private_key),
         "--node-config", supernode_node_config(bundle, num_partitions, state_dir),
         "--port", str(runtime_port),
+        *extra,
     ]  # fmt: skip
+
+
+def write_approved_apps(path: Path | str, hashes: tuple[str, ...] = ()) -> Path:
+    """A client's ``approved-apps.txt``: what it is, how to fill it, and ``hashes``."""
+    header = (
+        "# FAB hashes (SHA-256) of the ClientApps this node's holder approved, one a line.\n"
+        "# start-supernode.sh runs `fedvault clientapp`, which starts only these apps and\n"
+        "# refuses every other run. Audit the app's source, then add the output of\n"
+        "#   fedvault fab-hash <app dir>\n"
+        "# (the same source tree the operator runs `flwr run <app dir>` from).\n"
+    )
+    target = Path(path)
+    body = header + "".join(f"{check_hash(h)}\n" for h in hashes)
+    write_file_atomic(target, body.encode(), mode=PUBLIC_MODE)
+    return target
 
 
 def flwr_config_toml(address: str, ca_cert: Path | str, name: str = CONNECTION_NAME) -> str:
@@ -632,12 +668,21 @@ def _write_scripts(fed: Federation) -> None:
             c.start_script,
             f"# SuperNode for partition {c.partition_id} of {fed.num_clients}: TLS to the "
             "SuperLink\n# (trusting only ca.pem), authenticated with supernode-auth.key.\n"
+            "# --isolation process: the SuperNode runs no app itself; `fedvault clientapp`\n"
+            "# starts the ClientApps whose FAB hash is in approved-apps.txt and refuses the\n"
+            "# rest. The two stop together: the launcher exits when the SuperNode (this\n"
+            "# script's pid, after exec) does, and stops it if it fails itself.\n"
+            "# Usage: start-supernode.sh [--port RUNTIME_PORT] [flower-supernode flags]\n"
             f"{_HERE}\n"
             'mkdir -p "$HERE/state"\n'
+            f"PORT={DEFAULT_SUPERNODE_RUNTIME_PORT}\n"
+            'if [ "${1:-}" = "--port" ]; then PORT="$2"; shift 2; fi\n'
+            'fedvault clientapp --runtime-api-address "127.0.0.1:$PORT" --insecure '
+            f'--approved-fab-hashes "$HERE/{APPROVED_APPS}" --parent-pid $$ &\n'
             f'exec flower-supernode --superlink "${{FEDVAULT_SUPERLINK:-{addr}}}" '
             '--root-certificates "$HERE/ca.pem" '
             '--auth-supernode-private-key "$HERE/supernode-auth.key" '
-            f'--node-config "{node_config}" "$@"\n',
+            f'--node-config "{node_config}" --isolation process --port "$PORT" "$@"\n',
         )
 
 
@@ -709,6 +754,7 @@ def load_federation(out_dir: Path | str) -> Federation:
                 identity_dir=out / f"client-{i}" / "identity",
                 server_public=out / f"client-{i}" / "server-public.json",
                 start_script=out / f"client-{i}" / "start-supernode.sh",
+                approved_apps=out / f"client-{i}" / APPROVED_APPS,
             )
             for i in range(n)
         ),

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from common import deploy
+from common.config import ConfigError
 from common.crypto import load_identity, load_public
 from common.crypto.errors import KeyExistsError
 from common.data import encrypted
@@ -307,20 +308,36 @@ def test_flwr_config_is_a_tls_connection_flower_accepts(fed):
 
 
 def test_start_script_passes_the_exact_flags(fed, tmp_path):
-    """Run the generated start-supernode.sh with a stand-in `flower-supernode` that prints
-    its argv: the quoting survives and the paths point into the (moved) bundle."""
+    """Run the generated start-supernode.sh with stand-ins for `flower-supernode` and
+    `fedvault` that print their argv: the quoting survives, the paths point into the (moved)
+    bundle, the SuperNode runs in process isolation and the launcher serves its port with
+    the bundle's approved-apps.txt."""
     moved = tmp_path / "moved client"
     subprocess.run(["cp", "-r", str(fed.clients[0].directory), str(moved)], check=True)
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    fake = bindir / "flower-supernode"
-    fake.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
-    fake.chmod(0o755)
+    # The launcher runs in the background and the script execs the SuperNode: ours waits
+    # (≤ 10 s) until the launcher stand-in has written its argv.
+    wait = f'i=0; while [ ! -s "{tmp_path}/fedvault.argv" ] && [ $i -lt 200 ]; do '
+    wait += "sleep 0.05; i=$((i+1)); done\n"
+    for name, then in (("flower-supernode", wait), ("fedvault", "")):
+        fake = bindir / name
+        fake.write_text(
+            f'#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done > "{tmp_path}/{name}.tmp"\n'
+            f'mv "{tmp_path}/{name}.tmp" "{tmp_path}/{name}.argv"\n{then}'
+        )
+        fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}"}
-    out = subprocess.run(
-        ["sh", str(moved / "start-supernode.sh"), "--port", "9999"],
-        env=env, capture_output=True, text=True, check=True,
-    ).stdout.splitlines()  # fmt: skip
+    subprocess.run(
+        ["sh", str(moved / "start-supernode.sh"), "--port", "9999", "--max-retries", "3"],
+        env=env, capture_output=True, text=True, check=True, timeout=30,
+    )  # fmt: skip
+    out = (tmp_path / "flower-supernode.argv").read_text().splitlines()
+    launcher = (tmp_path / "fedvault.argv").read_text().splitlines()
+    assert launcher[0] == "clientapp" and "--insecure" in launcher
+    assert launcher[launcher.index("--runtime-api-address") + 1] == "127.0.0.1:9999"
+    assert launcher[launcher.index("--approved-fab-hashes") + 1] == str(moved / "approved-apps.txt")
+    assert out[out.index("--isolation") + 1] == "process"
     assert out[out.index("--superlink") + 1] == "fl.example.org:9443"
     assert out[out.index("--root-certificates") + 1] == str(moved / "ca.pem")
     assert out[out.index("--auth-supernode-private-key") + 1] == str(moved / "supernode-auth.key")
@@ -330,9 +347,26 @@ def test_start_script_passes_the_exact_flags(fed, tmp_path):
     assert node_config["key-dir"] == str(moved / "identity")
     assert node_config["server-public"] == str(moved / "server-public.json")
     assert node_config["partition-id"] == 0 and node_config["num-partitions"] == 2
-    assert out[-2:] == ["--port", "9999"]
+    assert out[out.index("--port") + 1] == "9999" and out[-2:] == ["--max-retries", "3"]
     for script in fed.superlink.directory.glob("*.sh"):
         subprocess.run(["sh", "-n", str(script)], check=True)
+
+
+def test_approved_apps_file_in_every_client_bundle(fed, tmp_path):
+    """Empty by default (the holder approves); hashes given at provisioning are written and
+    read back by the launcher; anything but a SHA-256 is refused."""
+    from common.approved_app import read_approved
+
+    for c in fed.clients:
+        assert c.approved_apps == c.directory / "approved-apps.txt"
+        assert read_approved(c.approved_apps) == []
+        assert "fedvault fab-hash" in c.approved_apps.read_text()
+    h = "ab" * 32
+    one = provision_federation(tmp_path / "f", "127.0.0.1", 1, approved_apps=(h.upper(),))
+    assert read_approved(one.clients[0].approved_apps) == [h]
+    assert load_federation(tmp_path / "f").clients[0].approved_apps == one.clients[0].approved_apps
+    with pytest.raises(ConfigError, match="not a SHA-256"):
+        provision_federation(tmp_path / "g", "127.0.0.1", 1, approved_apps=("abc",))
 
 
 def test_warns_when_provisioned_inside_an_app_that_would_ship_it(tmp_path, caplog):
