@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 from client import holder
 from client.privacy_session import (
     PrivacySession,
+    exclusive,
     load_session,
     save_session,
     state_file,
@@ -32,13 +33,14 @@ from client.sealing_mod import sealing_mod
 from client.training import DPSettings, train_local
 from common import protocol as P
 from common.config import RunConfig
+from common.crypto import Identity
 from common.data import Partition, encrypted, load_partition
 from common.evaluation import evaluate
 from common.federation_keys import load_own
 from common.logs import configure_logging
 from common.models import model_for
 from common.privacy.accounting import PrivacyBudgetExceeded
-from common.privacy.policy import PolicyRefusal
+from common.privacy.policy import PolicyRefusal, PrivacyPolicy
 
 log = logging.getLogger("fedvault.client")
 app = ClientApp(mods=[sealing_mod])
@@ -66,19 +68,32 @@ def train(msg: Message, context: Context) -> Message:
     data = _partition(cfg, context)
     policy = holder.policy(cfg, context)
     if not cfg.dp:
-        if policy.require_dp:
-            return _refuse(msg, pid, server_round, P.POLICY_REFUSED, PolicyRefusal(
-                "the run asks for training without DP (dp = false), which this holder's "
-                "policy forbids (require-dp = true)"
-            ))  # fmt: skip
-        model = _model(cfg, data, msg)
-        train_local(model, data.train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                    learning_rate=cfg.learning_rate, momentum=cfg.momentum)  # fmt: skip
-        weight = policy.declared_examples or len(data.train)
-        metrics = MetricRecord({P.NUM_EXAMPLES: weight, P.PARTITION_ID: pid})
-        return _reply(msg, {P.ARRAYS: ArrayRecord(model.state_dict()), P.METRICS: metrics})
-
+        return _train_without_dp(msg, cfg, data, policy, pid, server_round)
     path = _state_path(cfg, context)
+    with exclusive(path):  # one round at a time per holder, whatever run asks
+        return _train_dp(msg, context, cfg, data, policy, pid, server_round, path)
+
+
+def _train_without_dp(msg: Message, cfg: RunConfig, data: Partition, policy: PrivacyPolicy,
+                      pid: int, server_round: int) -> Message:  # fmt: skip
+    """Baselines, for holders whose policy allows them (``require-dp = false``)."""
+    if policy.require_dp:
+        return _refuse(msg, pid, server_round, P.POLICY_REFUSED, PolicyRefusal(
+            "the run asks for training without DP (dp = false), which this holder's "
+            "policy forbids (require-dp = true)"
+        ))  # fmt: skip
+    model = _model(cfg, data, msg)
+    train_local(model, data.train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate, momentum=cfg.momentum)  # fmt: skip
+    weight = policy.declared_examples or len(data.train)
+    metrics = MetricRecord({P.NUM_EXAMPLES: weight, P.PARTITION_ID: pid})
+    return _reply(msg, {P.ARRAYS: ArrayRecord(model.state_dict()), P.METRICS: metrics})
+
+
+def _train_dp(msg: Message, context: Context, cfg: RunConfig, data: Partition,
+              policy: PrivacyPolicy, pid: int, server_round: int,
+              path: Path | None) -> Message:  # fmt: skip
+    """Plan (or refuse), train, commit: the holder's state is held for all of it."""
     signer = holder.identity(cfg, context)
     session = _load(context, path, policy, signer)
     first_round_of_run = str(context.run_id) not in session.runs
@@ -215,7 +230,9 @@ def _state_path(cfg: RunConfig, context: Context) -> Path | None:
     return None if directory is None else state_file(directory, holder.policy(cfg, context))
 
 
-def _load(context: Context, path: Path | None, policy, key) -> PrivacySession:
+def _load(
+    context: Context, path: Path | None, policy: PrivacyPolicy, key: Identity | None
+) -> PrivacySession:
     """From the holder's disk when it has a home (the lifetime), else from this run's
     ``context.state`` (a simulated holder without keys: one run is its whole life)."""
     if path is not None:
@@ -225,7 +242,9 @@ def _load(context: Context, path: Path | None, policy, key) -> PrivacySession:
     return PrivacySession.new(policy)
 
 
-def _store(context: Context, path: Path | None, session: PrivacySession, key) -> None:
+def _store(
+    context: Context, path: Path | None, session: PrivacySession, key: Identity | None
+) -> None:
     if path is not None:
         save_session(path, session, key)
     else:

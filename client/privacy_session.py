@@ -21,8 +21,11 @@ any private data is touched; ``commit`` records what the optimizer actually did.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,3 +285,23 @@ def load_session(path: Path | None, policy: PrivacyPolicy, key: Identity | None)
 
 def save_session(path: Path, session: PrivacySession, key: Identity | None) -> None:
     persistence.save(path, session.to_json(), key)
+
+
+@contextlib.contextmanager
+def exclusive(path: Path | None) -> Iterator[None]:
+    """Hold the holder's state for one round: read, plan, train, commit, write.
+
+    A SuperNode may be asked to train in two runs at once; without the lock both would read
+    the same spent ε and the later write would erase the earlier round's spend (the server
+    could double a holder's budget by running two runs in parallel). ``flock`` on a file
+    beside the state serialises them, across processes; it is released if a process dies."""
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -145,3 +145,34 @@ def test_restarted_client_continues_its_epsilon_from_disk(tmp_path):
         epsilon_of([(sigma, q, 2 * steps)], 1e-5, "prv")
     )
     assert after_restart[P.EPSILON] > first[P.EPSILON]
+
+
+def test_two_runs_at_once_on_one_holder_both_count(tmp_path):
+    """A server that runs two runs in parallel on the same holder must not get two budgets:
+    the holder's state is held for the whole round, so neither round's spend is lost."""
+    import threading
+
+    from common.federation_keys import client_dir, provision
+
+    keys = provision(tmp_path / "keys", 1)
+    node_config = {"partition-id": 0, "num-partitions": 3, "state-dir": str(tmp_path / "st"),
+                   "key-dir": str(client_dir(keys, 0))}  # fmt: skip
+    model = build_model("lenet5", 10)
+    replies = {}
+
+    def run(run_id: int) -> None:
+        context = Context(run_id=run_id, node_id=7, node_config=node_config, state=RecordDict(),
+                          run_config=dict(RUN_CONFIG))  # fmt: skip
+        replies[run_id] = app(_message(model, 1), context)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (21, 22)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first, second = sorted((dict(replies[r].content[P.METRICS]) for r in (21, 22)),
+                           key=lambda m: m[P.EPSILON])  # fmt: skip
+    mechanisms = [(m[P.NOISE_MULTIPLIER], m[P.SAMPLE_RATE], m[P.STEPS]) for m in (first, second)]
+    assert first[P.EPSILON] == pytest.approx(epsilon_of(mechanisms[:1], 1e-5, "prv"))
+    # the later round composed with the earlier one although it ran in another run
+    assert second[P.EPSILON] == pytest.approx(epsilon_of(mechanisms, 1e-5, "prv"))
