@@ -90,11 +90,12 @@ class RecordingFedAvg(FedAvg):
     def _sample(
         self, grid: Grid, server_round: int, fraction: float, minimum: int, purpose: str
     ) -> list[int]:
-        """Pick ``max(fraction × nodes, minimum)`` nodes, reproducibly for the seed."""
+        """Pick ``max(fraction × nodes, minimum)`` nodes, reproducibly for the seed, among the
+        nodes that said which partition they hold."""
         nodes = self._wait_for_nodes(grid, max(minimum, self.min_available_nodes))
         self._discover(grid, nodes)
-        size = min(max(int(len(nodes) * fraction), minimum), len(nodes))
-        by_partition = {self.partition_of[n]: n for n in nodes}
+        by_partition = {self.partition_of[n]: n for n in nodes if n in self.partition_of}
+        size = min(max(int(len(by_partition) * fraction), minimum), len(by_partition))
         rng = random.Random(f"{self.seed}/{purpose}/{server_round}")
         chosen = sorted(rng.sample(sorted(by_partition), size))
         log.info("round %d: %s sampled partitions %s", server_round, purpose, chosen)
@@ -108,7 +109,9 @@ class RecordingFedAvg(FedAvg):
         return nodes
 
     def _discover(self, grid: Grid, nodes: list[int]) -> None:
-        """Ask nodes we have not seen yet which partition they hold."""
+        """Ask nodes we have not seen yet which partition they hold. A node that does not
+        answer (offline, or refusing this app: see docs/deploy.md) is left out of this
+        round's sampling and asked again next round; the run goes on with the others."""
         unknown = [n for n in nodes if n not in self.partition_of]
         if not unknown:
             return
@@ -123,8 +126,9 @@ class RecordingFedAvg(FedAvg):
             self.partition_of[node] = int(reply.content[P.NODE_INFO][P.PARTITION_ID])
         missing = [n for n in unknown if n not in self.partition_of]
         if missing:
-            raise RuntimeError(f"nodes {missing} did not answer the partition query")
-        log.info("partitions by node: %s", {n: self.partition_of[n] for n in unknown})
+            log.warning("nodes %s did not answer the partition query: left out", missing)
+        log.info("partitions by node: %s", {n: self.partition_of[n] for n in unknown
+                                            if n in self.partition_of})  # fmt: skip
 
     # -- replies -------------------------------------------------------------------------
     def _accept(self, server_round: int, purpose: str, replies: Iterable[Message]) -> list[Message]:
