@@ -60,6 +60,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"{'n/a (no DP)' if eps is None else f'{eps:.3f}'}"
     )
     print(f"results: {result.run_dir} (metrics.json, model.pt, simulation.log)")
+    print(f"holders: {result.holders} (--set keys-dir={result.holders} keeps them, and what "
+          "they spent, for the next run)")  # fmt: skip
     return _nothing_trained(metrics)
 
 

@@ -50,6 +50,7 @@ class SimulationResult:
     run_dir: Path
     log_file: Path
     seconds: float
+    holders: Path  # the simulated federation (keys-dir): reuse it to keep lifetime budgets
 
 
 def flower_env() -> dict[str, str]:
@@ -151,7 +152,7 @@ def run_scenario(
         )
     final_log = run_dir / "simulation.log"
     log_file.replace(final_log)
-    return SimulationResult(run_id, run_dir, final_log, seconds)
+    return SimulationResult(run_id, run_dir, final_log, seconds, Path(run_config["keys-dir"]))
 
 
 def simulated_holders(run_config: dict[str, Any], out_dir: Path, num_clients: int) -> Path:
