@@ -127,7 +127,7 @@ def test_a_lenet_dp_step_is_the_mean_of_clipped_per_example_gradients(mode):
     before = [p.detach().clone() for p in model.parameters()]
     expected = _clipped_mean_by_hand(model, x, y, clip=0.1)
     result = train_local(model, TensorDataset(x, y), epochs=1, batch_size=16, learning_rate=1.0,
-                         dp=DPSettings(0.0, 0.1, "rdp", mode))  # fmt: skip
+                         dp=DPSettings(0.0, 0.1, 1.0, 1, "rdp", mode))  # fmt: skip
     assert result.mechanism == (0.0, 1.0, 1)
     assert not model.features[0]._forward_hooks  # training took its hooks off again
     for p, b, e in zip(model.parameters(), before, expected, strict=True):
