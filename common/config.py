@@ -61,8 +61,7 @@ class RunConfig:
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
         """Build from Flower's run config (kebab-case keys); unknown keys are an error."""
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        unknown = sorted(set(raw) - set(known))
+        known, unknown = kebab_fields(cls, raw)
         if unknown:
             raise ConfigError(
                 f"unknown run-config key(s) {unknown}: check the spelling against {sorted(known)}"
@@ -110,6 +109,16 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"bad run config: {message}")
+
+
+def kebab_fields(
+    cls: type, raw: Mapping[str, Any]
+) -> tuple[dict[str, dataclasses.Field], list[str]]:
+    """A dataclass's fields by their kebab-case key (as TOML files spell them), and the keys
+    of ``raw`` that name none of them (sorted): the run config and a holder's policy are
+    read the same strict way."""
+    known = {f.name.replace("_", "-"): f for f in fields(cls)}
+    return known, sorted(set(raw) - set(known))
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:

@@ -29,12 +29,13 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from common.config import kebab_fields
 from common.privacy import ACCOUNTANTS
 
 POLICY_FILE = "policy.toml"
@@ -86,8 +87,7 @@ class PrivacyPolicy:
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], source: str = "policy") -> PrivacyPolicy:
         """Strict: unknown keys and wrong types are errors naming the key and the file."""
-        known = {f.name.replace("_", "-"): f for f in fields(cls)}
-        unknown = sorted(set(raw) - set(known))
+        known, unknown = kebab_fields(cls, raw)
         if unknown:
             raise PolicyError(
                 f"{source}: unknown key(s) {unknown}; the keys are {sorted(known)}"
