@@ -33,8 +33,8 @@ from client.sealing_mod import sealing_mod
 from client.training import DPSettings, train_local
 from common import protocol as P
 from common.config import RunConfig
-from common.crypto import Identity
-from common.data import Partition, encrypted, load_partition
+from common.crypto import CryptoError, Identity
+from common.data import DataError, Partition, encrypted, load_partition
 from common.evaluation import evaluate
 from common.federation_keys import load_own
 from common.logs import configure_logging
@@ -45,6 +45,9 @@ from common.privacy.policy import PolicyRefusal, PrivacyPolicy
 log = logging.getLogger("fedvault.client")
 app = ClientApp(mods=[sealing_mod])
 
+# Data that fails authentication (a tampered or foreign partition) or validation (labels out
+# of range, missing files) fails the same way every round: the server ends the run with it.
+UNUSABLE_DATA = (DataError, CryptoError, FileNotFoundError)
 SESSION_KEY = "fedvault-privacy"  # context.state: the session, for a holder with no state dir
 SENT_KEY = "fedvault-ledger-sent"  # context.state: the last ledger seq sent in this run
 
@@ -65,7 +68,10 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(cfg.torch_threads)
     pid, _ = holder.partition_ids(context)
     server_round = int(msg.content[P.CONFIG].get("server-round", 0))
-    data = _partition(cfg, context)
+    try:
+        data = _partition(cfg, context)
+    except UNUSABLE_DATA as err:
+        return _refuse(msg, pid, server_round, P.DATA_UNUSABLE, err)
     policy = holder.policy(cfg, context)
     if not cfg.dp:
         return _train_without_dp(msg, cfg, data, policy, pid, server_round)
@@ -161,7 +167,10 @@ def evaluate_global(msg: Message, context: Context) -> Message:
             "(release-evaluation = false)"
         ))  # fmt: skip
     torch.set_num_threads(cfg.torch_threads)
-    data = _partition(cfg, context)
+    try:
+        data = _partition(cfg, context)
+    except UNUSABLE_DATA as err:
+        return _refuse(msg, pid, server_round, P.DATA_UNUSABLE, err)
     result = evaluate(_model(cfg, data, msg), data.test)
     metrics = MetricRecord(
         {

@@ -32,3 +32,4 @@ EVAL_ACCURACY = "eval-accuracy"
 # Refusal codes (in REFUSAL records; Flower's own error codes are small integers).
 PRIVACY_BUDGET_EXHAUSTED = 4001
 POLICY_REFUSED = 4002  # the run asks for more than the holder's policy allows
+DATA_UNUSABLE = 4003  # the holder's data fails authentication or validation: every round would

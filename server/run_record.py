@@ -179,6 +179,10 @@ class RunRecord:
         rounds = [asdict(self.rounds[r]) for r in sorted(self.rounds)]
         for r in rounds:
             r.pop("started_at")
+        # ``final`` is the last *evaluated* round: a run that ends mid-round (aborted,
+        # cancelled) still leaves a readable record
+        done = [r for r in rounds if r["test_metrics"] is not None]
+        last = done[-1] if done else None
         return _finite(
             {
                 "config": self.config,
@@ -186,11 +190,11 @@ class RunRecord:
                 "initial": self.initial,
                 "rounds": rounds,
                 "final": {
-                    "test_accuracy": rounds[-1]["test_accuracy"] if rounds else None,
-                    "test_loss": rounds[-1]["test_loss"] if rounds else None,
-                    "test_f1_macro": rounds[-1]["test_f1_macro"] if rounds else None,
-                    "test_roc_auc": rounds[-1]["test_metrics"]["roc_auc"] if rounds else None,
-                    "max_epsilon": rounds[-1]["max_epsilon"] if rounds else None,
+                    "test_accuracy": last["test_accuracy"] if last else None,
+                    "test_loss": last["test_loss"] if last else None,
+                    "test_f1_macro": last["test_f1_macro"] if last else None,
+                    "test_roc_auc": last["test_metrics"]["roc_auc"] if last else None,
+                    "max_epsilon": last["max_epsilon"] if last else None,
                     "epsilon_by_partition": {
                         str(k): v for k, v in sorted(self.epsilon_by_partition.items())
                     },

@@ -32,6 +32,11 @@ from server.sealing import ServerSealer
 log = logging.getLogger("fedvault.server")
 
 QUERY_TIMEOUT_S = 120.0
+
+
+class RunAborted(RuntimeError):
+    """A client's failure that every later round would repeat (its data fails authentication
+    or validation): the run ends with that reason instead of going on without the client."""
 NODE_WAIT_POLL_S = 1.0
 
 
@@ -173,6 +178,11 @@ class RecordingFedAvg(FedAvg):
                 reason, code = str(refusal.get("reason", "")), int(refusal.get("code", 0))
                 self.record.add_failure(server_round, partition, reason, refused=True, code=code)
                 log.warning("round %d: partition %d refused: %s", server_round, partition, reason)
+                if code == P.DATA_UNUSABLE:
+                    self.record.write()
+                    raise RunAborted(
+                        f"partition {partition} cannot use its data: {reason}"
+                    )
             else:
                 results.append(msg)
         return results

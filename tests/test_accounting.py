@@ -141,3 +141,17 @@ def test_epsilon_is_computed_once_per_history_in_a_process():
     # a third round composes: computed, not served from the cache, and larger
     assert epsilon_of([*history, (1.1, 0.05, 40)], 1e-5, "rdp") > first
     assert _composed_epsilon.cache_info().hits == hits + 1
+
+
+def test_a_budget_too_small_for_the_plan_is_refused_naming_the_smallest_epsilon():
+    """Before: target-epsilon=0.01 calibrated σ=1280 (chance accuracy, an audit that failed)."""
+    from common.privacy.accounting import MAX_NOISE_MULTIPLIER
+
+    q, steps = 1 / 15, 75
+    smallest = epsilon_of([(MAX_NOISE_MULTIPLIER, q, steps)], DELTA, "prv")
+    with pytest.raises(ValueError, match=rf"smallest that makes sense is ε={smallest:.4g}"):
+        calibrate_noise_after([], target_epsilon=0.01, target_delta=DELTA, sample_rate=q,
+                              total_steps=steps, accountant="prv")  # fmt: skip
+    sigma = calibrate_noise_after([], target_epsilon=smallest * 1.05, target_delta=DELTA,
+                                  sample_rate=q, total_steps=steps, accountant="prv")  # fmt: skip
+    assert sigma <= MAX_NOISE_MULTIPLIER

@@ -176,3 +176,34 @@ def test_two_runs_at_once_on_one_holder_both_count(tmp_path):
     assert first[P.EPSILON] == pytest.approx(epsilon_of(mechanisms[:1], 1e-5, "prv"))
     # the later round composed with the earlier one although it ran in another run
     assert second[P.EPSILON] == pytest.approx(epsilon_of(mechanisms, 1e-5, "prv"))
+
+
+def test_data_that_fails_authentication_is_reported_as_unusable(tmp_path):
+    """A flipped byte in an encrypted partition fails every round the same way: the client
+    says so in a (sealable) reply with its own code, and the server ends the run with it."""
+    from common.data import encrypted
+    from common.federation_keys import client_dir, load_own, provision
+    from server.run_record import RunRecord
+    from server.strategy import RecordingFedAvg, RunAborted
+
+    keys = provision(tmp_path / "keys", 1)
+    enc = tmp_path / "enc"
+    encrypted.write_partition(enc, load_own(client_dir(keys, 0)), 0, 3, dataset="digits")
+    (path,) = enc.glob("partition-0*.fvd")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    context = _context()
+    context.node_config.update({"encrypted-data-dir": str(enc),
+                                "key-dir": str(client_dir(keys, 0))})  # fmt: skip
+    reply = app(_message(build_model("lenet5", 10), 1), context)
+    refusal = reply.content[P.REFUSAL]
+    assert refusal["code"] == P.DATA_UNUSABLE and "partition-0" in refusal["reason"]
+
+    record = RunRecord(tmp_path / "run", config={}, summary={})
+    strategy = RecordingFedAvg(seed=0, record=record, min_train_nodes=1)
+    strategy.partition_of = {reply.metadata.src_node_id: 0}
+    record.start_round(1, [0])
+    with pytest.raises(RunAborted, match="partition 0 cannot use its data"):
+        strategy.aggregate_train(1, [reply])
+    assert (tmp_path / "run" / "metrics.json").exists()  # the record is kept

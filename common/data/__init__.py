@@ -11,7 +11,7 @@ from torch.utils.data import TensorDataset
 
 from .features import featurize
 from .partition import dirichlet_partition, iid_partition, partition
-from .sources import DATASETS, DataError, RawDataset, load_raw
+from .sources import DATASETS, DataError, RawDataset, check_labels, load_raw
 
 __all__ = [
     "DATASETS",
@@ -91,6 +91,9 @@ def raw_partition(
 def partition_from_raw(share: dict, num_features: int) -> Partition:
     """A :class:`Partition` from a :func:`raw_partition` dict (e.g. decrypted in memory)."""
     kind = share["kind"]
+    for split in ("train_y", "test_y"):
+        check_labels(share[split], len(share["classes"]),
+                     f"partition {share['partition_id']} ({split[:-2]} split)")  # fmt: skip
     return Partition(
         int(share["partition_id"]),
         to_tensors(kind, share["train_x"], np.asarray(share["train_y"]), num_features),

@@ -45,6 +45,25 @@ class RawDataset:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def __post_init__(self) -> None:
+        for split, labels in (("train", self.train_y), ("test", self.test_y)):
+            check_labels(labels, len(self.classes), f"{self.name} ({split} split)")
+
+
+def check_labels(labels: np.ndarray | torch.Tensor, num_classes: int, where: str) -> None:
+    """Every label must name one of the classes: an out-of-range label (a corrupt file) would
+    otherwise fail every round deep inside the loss, or silently train a wrong model."""
+    values = np.asarray(labels)
+    if values.size == 0:
+        return
+    bad = values[(values < 0) | (values >= num_classes)]
+    if bad.size:
+        raise DataError(
+            f"{where}: label {int(bad[0])} is outside the {num_classes} classes "
+            f"(0-{num_classes - 1}; {bad.size} such labels): the data files are corrupt or "
+            "not this data set; replace them"
+        )
+
 
 def load_raw(name: str, data_dir: str = "", seed: int = 42) -> RawDataset:
     """Load data set ``name``; ``data_dir`` is where its files are ("" = default/cache)."""

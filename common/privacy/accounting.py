@@ -26,6 +26,10 @@ from opacus.accountants.utils import get_noise_multiplier
 from common.privacy import ACCOUNTANTS
 
 Mechanism = tuple[float, float, int]
+# The most noise a plan may need: σ = 10 puts noise of 10× the largest possible contribution
+# of one example on every step; beyond it nothing is learnt (a run at ε 0.01 had σ 1280 and
+# chance accuracy), and RDP and PRV bounds drift apart there, so the audit cannot confirm ε.
+MAX_NOISE_MULTIPLIER = 10.0
 
 
 class PrivacyBudgetExceeded(RuntimeError):
@@ -140,7 +144,22 @@ def calibrate_noise_after(
     additive, so σ is found the way Opacus finds it -- doubling, then bisection on the
     composed ε -- but over the whole history; like Opacus it returns the upper end of the
     final bracket, whose ε is ≤ the target.
+
+    A target so small that σ would exceed :data:`MAX_NOISE_MULTIPLIER` is refused, naming the
+    smallest ε the plan can have: with more noise than that an update is noise alone (the
+    run would train nothing and only look private).
     """
+    floor = epsilon_of(
+        [*history, (MAX_NOISE_MULTIPLIER, sample_rate, total_steps)], target_delta, accountant
+    )
+    if floor > target_epsilon:
+        spent = epsilon_of(history, target_delta, accountant)
+        raise ValueError(
+            f"ε={target_epsilon - spent:.4g} is too small for this plan ({total_steps} steps "
+            f"at q={sample_rate:.4g}): it would need σ > {MAX_NOISE_MULTIPLIER:g}, where an "
+            f"update is noise alone; the smallest that makes sense is ε={floor - spent:.4g} "
+            "(raise target-epsilon to at least that, or plan fewer rounds / local epochs)"
+        )
     if not history:
         return calibrate_noise(
             target_epsilon=target_epsilon, target_delta=target_delta,
