@@ -9,6 +9,7 @@ instead of deep inside a round.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -84,7 +85,10 @@ class RunConfig:
             (self.local_epochs >= 1, "local-epochs must be ≥ 1"),
             (self.batch_size >= 1, "batch-size must be ≥ 1"),
             (self.learning_rate > 0, "learning-rate must be > 0"),
-            (0.0 <= self.fraction_train <= 1.0, "fraction-train must be in [0, 1]"),
+            (
+                0.0 < self.fraction_train <= 1.0,
+                "fraction-train must be in (0, 1]: with 0 no client trains in any round",
+            ),
             (0.0 <= self.fraction_evaluate <= 1.0, "fraction-evaluate must be in [0, 1]"),
             (self.min_train_nodes >= 1, "min-train-nodes must be ≥ 1"),
             (self.round_timeout > 0, "round-timeout must be > 0 seconds"),
@@ -103,9 +107,18 @@ class RunConfig:
         ]
         if self.dp:
             checks += [
-                (self.target_epsilon > 0, "target-epsilon must be > 0"),
+                (
+                    0 < self.target_epsilon < math.inf,
+                    "target-epsilon must be finite and > 0 (an infinite ε is no guarantee: "
+                    "use dp = false for a non-private baseline)",
+                ),
                 (0 < self.target_delta < 1, "target-delta must be in (0, 1)"),
             ]
+        checks += [
+            (math.isfinite(getattr(self, f.name)), f"{f.name.replace('_', '-')} must be finite")
+            for f in fields(self)
+            if f.type == "float"
+        ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"bad run config: {message}")
