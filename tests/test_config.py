@@ -19,3 +19,15 @@ def test_values_that_make_a_run_meaningless_are_refused(key, value, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         RunConfig.from_mapping({key: value})
+
+
+def test_the_dataclass_defaults_are_pyprojects():
+    """Two owners of the defaults would drift: `flwr run .` reads pyproject.toml, everything
+    else RunConfig's defaults."""
+    import tomllib
+    from pathlib import Path
+
+    from common.config import RunConfig
+
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert pyproject["tool"]["flwr"]["app"]["config"] == RunConfig().to_mapping()
