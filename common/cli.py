@@ -1,7 +1,11 @@
 """The ``fedvault`` command: parses arguments and calls the modules that do the work.
 
-User errors (bad config, missing data, wrong key, ...) print one line naming the problem
-and the fix, and exit with status 2; no traceback.
+User errors (bad config, missing data, wrong key, bad arguments, a file where a directory
+belongs, ...) print one line naming the problem and the fix, and exit with status 2; no
+traceback. A cancelled ``simulate`` (Ctrl-C, SIGTERM) exits 130.
+
+Building the parser imports nothing heavy (no torch, no opacus): ``--help`` is instant; each
+command imports what it needs when it runs.
 """
 
 from __future__ import annotations
@@ -41,16 +45,20 @@ def parse_set(pairs: Sequence[str]) -> dict[str, Any]:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from common import scenarios
-    from common.simulate import run_scenario
+    from common.simulate import RunCancelled, run_scenario
 
     scenario = scenarios.load(args.scenario)
-    result = run_scenario(
-        scenario,
-        overrides=parse_set(args.set),
-        num_clients=args.num_clients,
-        output_dir=Path(args.output_dir) if args.output_dir else None,
-        verbose=args.verbose,
-    )
+    try:
+        result = run_scenario(
+            scenario,
+            overrides=parse_set(args.set),
+            num_clients=args.num_clients,
+            output_dir=Path(args.output_dir) if args.output_dir else None,
+            verbose=args.verbose,
+        )
+    except RunCancelled as cancelled:
+        print(f"fedvault: {cancelled}", file=sys.stderr)
+        return 130
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     final = metrics["final"]
     eps = final["max_epsilon"]
@@ -107,8 +115,9 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 def cmd_keys_federation(args: argparse.Namespace) -> int:
     from common.federation_keys import provision
 
-    provision(Path(args.out), args.clients)
-    print(f"keys for the server and {args.clients} clients in {args.out}")
+    out = Path(args.out).expanduser().resolve()
+    provision(out, args.clients)
+    print(f"keys for the server and {args.clients} clients in {out}")
     return 0
 
 
@@ -160,6 +169,11 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     from common.data.encrypted import prepare, write_partition
 
     if args.partition is not None:  # a deployed client: only its own key dir
+        if not 0 <= args.partition < args.clients:
+            raise ConfigError(
+                f"--partition {args.partition} is not one of the {args.clients} partitions "
+                f"(0-{args.clients - 1})"
+            )
         if not args.key:
             raise ConfigError("--partition needs --key (this client's identity dir)")
         target = write_partition(
@@ -172,13 +186,14 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     if not args.keys:
         raise ConfigError("data prepare needs --keys DIR (all clients) or --partition I --key DIR")
 
+    keys = Path(args.keys).expanduser().resolve()
     out = prepare(
-        Path(args.out), keys_dir=Path(args.keys), dataset=args.dataset,
+        Path(args.out).expanduser().resolve(), keys_dir=keys, dataset=args.dataset,
         num_partitions=args.clients, data_dir=args.data_dir or "", seed=args.seed,
         partitioning=args.partitioning, alpha=args.dirichlet_alpha,
     )  # fmt: skip
     print(f"{args.clients} encrypted partitions in {out}; run with "
-          f"--set encrypted-data-dir={out} --set keys-dir={args.keys}")  # fmt: skip
+          f"--set encrypted-data-dir={out} --set keys-dir={keys}")  # fmt: skip
     return 0
 
 
@@ -232,6 +247,31 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_superlink(args: argparse.Namespace) -> int:
+    """``fedvault superlink status|stop``: this environment's local SuperLink."""
+    from common.simulate import stop_local_superlink, superlink_status
+
+    status = superlink_status()
+    if args.superlink_command == "status":
+        print(f"environment  {status['environment']}")
+        print(f"FLWR_HOME    {status['home']}")
+        print(f"port         {status['port']}")
+        pids = ", ".join(str(s.pid) for s in status["own"])
+        print(f"SuperLink    {'running (pid ' + pids + ')' if pids else 'not running'}")
+        for other in status["others"]:
+            print(f"other        pid {other.pid}, port {other.port}, FLWR_HOME {other.home}, "
+                  f"environment {other.bin_dir.parent if other.bin_dir else '?'}")  # fmt: skip
+        return 0
+    stopped = stop_local_superlink()
+    if args.all:
+        from common.simulate import _terminate
+
+        stopped += _terminate([s.pid for s in status["others"]], 10.0)
+    print(f"stopped SuperLink pid(s) {', '.join(map(str, stopped))}" if stopped
+          else "no SuperLink running for this environment")  # fmt: skip
+    return 0
+
+
 def cmd_scenarios(_args: argparse.Namespace) -> int:
     from common import scenarios
 
@@ -240,8 +280,61 @@ def cmd_scenarios(_args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other fedvault error (exit 2)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1 (got {value})")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer ≥ 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0 (got {value})")
+    return value
+
+
+# Commands whose modules import opacus (via common.report): registered for real only when
+# the command line names them, so every other command and --help start without it.
+HEAVY_COMMANDS = {
+    "report": "write report.html/.json/.md (privacy report) into a run dir",
+    "audit": "verify a run's privacy ledger: hashes, signatures, every ε claim",
+}
+
+
+def _command_word(argv: Sequence[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``-v`` after any sub-command too (``fedvault simulate ... -v``), not only before it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                if "-v" not in child._option_string_actions:
+                    child.add_argument("-v", "--verbose", action="store_true",
+                                       default=argparse.SUPPRESS, help="debug logging")  # fmt: skip
+                _verbose_everywhere(child)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _Parser(
         prog="fedvault", description="Privacy-preserving federated learning on Flower + Opacus."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -249,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run a scenario in Flower's simulation engine")
     sim.add_argument("scenario", nargs="?", help="name in simulations/ or a .toml path")
-    sim.add_argument("--num-clients", type=int, help="simulated clients (SuperNodes)")
+    sim.add_argument("--num-clients", type=positive_int, help="simulated clients (SuperNodes)")
     sim.add_argument("--output-dir", help="where run directories go (default: ./runs)")
     sim.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key"
@@ -258,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("scenarios", help="list the scenarios in simulations/")
     lst.set_defaults(func=cmd_scenarios)
+
+    link = sub.add_parser("superlink", help="this environment's local SuperLink (simulate's)")
+    link_sub = link.add_subparsers(dest="superlink_command", required=True)
+    link_sub.add_parser("status", help="its FLWR_HOME, port and process; fedvault's others")
+    link_stop = link_sub.add_parser("stop", help="stop it (runs on it end too)")
+    link_stop.add_argument("--all", action="store_true",
+                           help="also every other environment's fedvault SuperLink")  # fmt: skip
+    link.set_defaults(func=cmd_superlink)
 
     keys = sub.add_parser("keys", help="create and inspect identities (key dirs)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -277,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     k_show.set_defaults(func=cmd_keys_show)
     k_fed = keys_sub.add_parser("federation", help="server + client-<i> key dirs for a simulation")
     k_fed.add_argument("--out", required=True)
-    k_fed.add_argument("--clients", type=int, required=True)
+    k_fed.add_argument("--clients", type=positive_int, required=True)
     k_fed.set_defaults(func=cmd_keys_federation)
 
     data = sub.add_parser("data", help="encrypt data sets at rest")
@@ -295,9 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep = data_sub.add_parser("prepare", help="write each client's partition, encrypted")
     prep.add_argument("--dataset", default="digits")
     prep.add_argument("--data-dir", default="")
-    prep.add_argument("--clients", type=int, required=True)
+    prep.add_argument("--clients", type=positive_int, required=True)
     prep.add_argument("--keys", help="keys dir with client-<i>/ (keys federation): all clients")
-    prep.add_argument("--partition", type=int, help="only this client's partition (deployment)")
+    prep.add_argument("--partition", type=non_negative_int,
+                      help="only this client's partition (deployment)")  # fmt: skip
     prep.add_argument("--key", help="with --partition: this client's identity dir")
     prep.add_argument("--passphrase", action="store_true")
     prep.add_argument("--out", required=True)
@@ -322,24 +424,30 @@ def build_parser() -> argparse.ArgumentParser:
     prov = sub.add_parser("provision", help="CA, TLS and keys for a deployed federation")
     prov.add_argument("--out", required=True, help="federation dir to create")
     prov.add_argument("--superlink-host", required=True, help="name or IP SuperNodes dial")
-    prov.add_argument("--clients", type=int, required=True)
+    prov.add_argument("--clients", type=positive_int, required=True)
     prov.add_argument("--port", type=int, default=8000, help="SuperLink port (default 8000)")
     prov.add_argument("--extra-host", action="append", default=[], help="another SAN")
     prov.add_argument("--force", action="store_true", help="replace an existing federation")
     prov.set_defaults(func=cmd_provision)
 
-    from common.report.cli import add_commands
+    if _command_word(argv) in HEAVY_COMMANDS:
+        from common.report.cli import add_commands
 
-    add_commands(sub)  # `fedvault report` and `fedvault audit`
+        add_commands(sub)  # `fedvault report` and `fedvault audit`
+    else:
+        for name, text in HEAVY_COMMANDS.items():  # listed in --help; loaded when named
+            sub.add_parser(name, help=text, add_help=False)
 
     from common.approved_app import add_commands as add_approved_app_commands
 
     add_approved_app_commands(sub)  # `fedvault fab-hash` and `fedvault clientapp`
+    _verbose_everywhere(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
@@ -349,20 +457,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as err:  # user errors: one line, no traceback
         if _is_user_error(err):
-            print(f"fedvault: error: {err}", file=sys.stderr)
+            print(f"fedvault: error: {_error_text(err)}", file=sys.stderr)
             return 2
         raise
 
 
-def _is_user_error(err: Exception) -> bool:
-    from common.crypto import CryptoError
-    from common.data.sources import DataError
-    from common.deploy import DeployError
-    from common.inference import InferenceError
-    from common.simulate import SimulationError
+def _error_text(err: Exception) -> str:
+    from common.logs import one_line
 
-    errors = (DataError, SimulationError, CryptoError, InferenceError, DeployError)
-    return isinstance(err, (*USER_ERRORS, *errors))
+    if isinstance(err, OSError) and err.filename and not isinstance(err, FileNotFoundError):
+        # PermissionError, FileExistsError, NotADirectoryError, ...: which path, and why
+        path = Path(str(err.filename))
+        if isinstance(err, (FileExistsError, NotADirectoryError)) and not path.is_dir():
+            what = "is a file (or under one), where a directory is needed"
+        elif isinstance(err, PermissionError):
+            what = "cannot be written (permission denied)"
+        else:
+            what = f"cannot be used ({err.strerror or type(err).__name__})"
+        return f"{err.filename} {what}: choose another path"
+    return one_line(err)
+
+
+# Error classes of modules the commands import when they run: an error can only be one of
+# them if its module is loaded, so checking needs no import (no torch on the error path).
+USER_ERROR_CLASSES = (
+    ("common.crypto.errors", "CryptoError"),
+    ("common.data.sources", "DataError"),
+    ("common.deploy", "DeployError"),
+    ("common.inference", "InferenceError"),
+    ("common.simulate", "SimulationError"),
+)
+
+
+def _is_user_error(err: Exception) -> bool:
+    if isinstance(err, OSError) and err.filename:  # a path the user gave: one line
+        return True
+    if isinstance(err, USER_ERRORS):
+        return True
+    for module, name in USER_ERROR_CLASSES:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(err, cls):
+            return True
+    return False
 
 
 if __name__ == "__main__":

@@ -29,3 +29,20 @@ def one_line(err: BaseException) -> str:
     """An exception's message on one line (its type when it has none), for the one-line
     user errors fedvault prints: JSON and OS errors can carry newlines."""
     return " ".join(str(err).split()) or type(err).__name__
+
+
+# The ServerApp (and any app) logs an error the user can fix as ONE line with this prefix;
+# ``fedvault simulate`` picks it out of Flower's log stream and prints it as its own one-line
+# error, instead of the traceback fragments Flower adds around it.
+USER_ERROR_PREFIX = "fedvault error: "
+
+
+def user_error_line(err: BaseException) -> str:
+    """The one line an app logs for an error the user can fix."""
+    return USER_ERROR_PREFIX + one_line(err)
+
+
+def find_user_error(line: str) -> str | None:
+    """The message of a :func:`user_error_line` inside a log line, else None."""
+    _, sep, message = line.partition(USER_ERROR_PREFIX)
+    return message.strip() or None if sep else None

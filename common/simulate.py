@@ -1,26 +1,42 @@
 """Running a scenario through Flower's simulation engine, the way ``flwr run .`` does.
 
 ``fedvault simulate`` is a thin driver around ``flwr run``: it merges the scenario with the
-user's overrides, writes them as a run-config TOML, and runs the app in this checkout on a
-local SuperLink in simulation mode (Ray underneath). The SuperLink is fedvault's own (its
-own ``FLWR_HOME`` and port), started with runtime dependency installation switched off,
+user's overrides, checks before launch what can be checked (names, data, keys, output dir),
+writes the run config as a TOML file, and runs the app in this checkout on a local SuperLink
+in simulation mode (Ray underneath).
+
+The SuperLink is this environment's own: its ``FLWR_HOME`` and port are derived from
+``sys.prefix`` (the virtual environment), so two environments never share one, and a
+SuperLink found on this environment's port is checked to run this environment's packages
+before it is reused. It is started with runtime dependency installation switched off,
 because offline the SuperLink would otherwise try to ``pip install`` the app and fail.
-Flower keeps that SuperLink running between runs so the next run starts fast;
-:func:`stop_local_superlink` ends it.
+Flower keeps it running between runs so the next run starts fast; ``fedvault superlink
+status`` shows it and ``fedvault superlink stop`` ends it (:func:`stop_local_superlink`).
+
+Ctrl-C (SIGINT) or SIGTERM cancels a run: it is stopped in Flower (``flwr stop``), the
+simulation process that ran it and everything under it (Ray, the ClientApps) is ended, and
+what it finished is kept and marked cancelled (``CANCELLED`` in the run dir and
+``summary.cancelled`` in ``metrics.json``); :class:`RunCancelled` says so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import json
 import logging
 import os
+import queue
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,20 +44,41 @@ from typing import Any
 import tomli_w
 
 from common.config import ConfigError, RunConfig
-from common.federation_keys import client_dir, provision
+from common.logs import find_user_error, one_line
 from common.paths import default_cache_dir
-from common.privacy.policy import POLICY_FILE, PrivacyPolicy
 from common.scenarios import PROJECT_ROOT, Scenario
 
 log = logging.getLogger("fedvault.simulate")
 
-DEFAULT_SUPERLINK_PORT = 39191  # Flower's own local SuperLink uses 39091; keep clear of it
+# Ports of this environment's SuperLink: BASE + STEP·(hash of sys.prefix mod SLOTS), below
+# Linux's ephemeral range (32768-60999), so no outgoing connection takes it.
+PORT_BASE, PORT_STEP, PORT_SLOTS = 29200, 4, 700
 RUN_ID = re.compile(r"Successfully started run (\d+)")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+PID_FILE = ".serverapp.pid"  # written by server/app.py while the ServerApp runs
+CANCEL_GRACE_S = 8.0  # SIGTERM → SIGKILL for the run's processes
+RUN_ID_WAIT_S = 20.0  # a cancel before `flwr run` named the run waits this long for its id
+PID_WAIT_S = 30.0  # ... and this long for the ServerApp's process to show itself
 
 
 class SimulationError(RuntimeError):
     """The simulation did not produce results; the message says where to look."""
+
+
+class AppError(SimulationError):
+    """An error the user can fix, raised inside the ServerApp or a ClientApp (its one line)."""
+
+
+class RunCancelled(Exception):
+    """The user cancelled the run (SIGINT/SIGTERM); what it finished is kept, marked cancelled."""
+
+    def __init__(self, message: str, run_dir: Path | None) -> None:
+        super().__init__(message)
+        self.run_dir = run_dir
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like SIGINT's KeyboardInterrupt."""
 
 
 @dataclass(frozen=True)
@@ -53,40 +90,315 @@ class SimulationResult:
     holders: Path  # the simulated federation (keys-dir): reuse it to keep lifetime budgets
 
 
+# -- this environment's SuperLink ------------------------------------------------------------
+def environment_key() -> str:
+    """A short hash of this interpreter's environment (``sys.prefix``)."""
+    return hashlib.sha256(str(Path(sys.prefix).resolve()).encode()).hexdigest()[:12]
+
+
+def flower_home_root() -> Path:
+    """Where every environment's fedvault ``FLWR_HOME`` lives (one sub-dir per environment)."""
+    return default_cache_dir() / "flwr-home"
+
+
+def superlink_port() -> int:
+    """``$FEDVAULT_SUPERLINK_PORT``, or this environment's own port."""
+    if port := os.environ.get("FEDVAULT_SUPERLINK_PORT"):
+        return int(port)
+    return PORT_BASE + PORT_STEP * (int(environment_key(), 16) % PORT_SLOTS)
+
+
 def flower_env() -> dict[str, str]:
-    """Environment for ``flwr``: fedvault's SuperLink home/port, no runtime pip installs."""
+    """Environment for ``flwr``: this environment's SuperLink home/port, no runtime installs."""
     env = dict(os.environ)
-    home = Path(env.get("FEDVAULT_FLWR_HOME", default_cache_dir() / "flwr-home"))
-    port = env.get("FEDVAULT_SUPERLINK_PORT", str(DEFAULT_SUPERLINK_PORT))
+    home = Path(env.get("FEDVAULT_FLWR_HOME") or flower_home_root() / environment_key())
+    port = superlink_port()
     env |= {
         "FLWR_HOME": str(home),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": port,
-        "FLWR_LOCAL_CONTROL_API_PORT": str(int(port) + 2),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(port + 2),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "RAY_DEDUP_LOGS": "0",
     }
-    # `flwr` starts `flower-superlink` by name: make this venv's scripts findable even when
-    # fedvault was started by absolute path without activating the venv.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # `flwr` starts `flower-superlink` by name: this environment's scripts must come first,
+    # also when fedvault was started by absolute path without activating the venv.
+    env["PATH"] = os.pathsep.join([str(_bin_dir()), env.get("PATH", "")])
     return env
 
 
+def _bin_dir() -> Path:
+    return Path(sys.executable).parent
+
+
+def _flwr_executable() -> str:
+    """This environment's ``flwr`` (never another one found first on PATH)."""
+    own = _bin_dir() / "flwr"
+    if own.exists():
+        return str(own)
+    raise SimulationError(f"the `flwr` command is missing in {_bin_dir()}: pip install -e .")
+
+
+@dataclass(frozen=True)
+class SuperLinkProcess:
+    pid: int
+    port: int | None
+    home: Path | None  # FLWR_HOME, from its --log-file
+    bin_dir: Path | None  # where its flower-superlink script is: its environment
+
+    @property
+    def ours(self) -> bool:
+        return self.bin_dir is not None and _same(self.bin_dir, _bin_dir())
+
+
+def _same(a: Path, b: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return a.resolve() == b.resolve()
+    return a == b
+
+
+def _cmdline(pid: int | str) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def superlinks() -> list[SuperLinkProcess]:
+    """Every running ``flower-superlink`` (Linux: read from /proc)."""
+    found = []
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        args = _cmdline(proc_dir.name)
+        script = next((a for a in args[:2] if Path(a).name == "flower-superlink"), None)
+        if script is None:
+            continue
+        port = _option(args, "--port")
+        log_file = _option(args, "--log-file")
+        found.append(SuperLinkProcess(
+            int(proc_dir.name),
+            int(port) if port and port.isdigit() else None,
+            Path(log_file).parent.parent if log_file else None,
+            Path(script).parent if "/" in script else None,
+        ))  # fmt: skip
+    return found
+
+
+def _option(args: list[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def local_superlink_pids(home: str) -> list[int]:
+    """The ``flower-superlink`` processes ``flwr run`` started for FLWR_HOME ``home``."""
+    return [s.pid for s in superlinks() if s.home is not None and _same(s.home, Path(home))]
+
+
+def check_superlink(env: dict[str, str]) -> None:
+    """Refuse to run on a SuperLink on this environment's port that is not this environment's
+    (another venv's would run its own torch/opacus/flwr while the console names this one)."""
+    port, home = int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]), Path(env["FLWR_HOME"])
+    for link in superlinks():
+        if link.port != port:
+            continue
+        if not link.ours or link.home is None or not _same(link.home, home):
+            raise SimulationError(
+                f"port {port} is held by another environment's SuperLink (pid {link.pid}, "
+                f"{link.bin_dir or '?'}, FLWR_HOME {link.home or '?'}): stop it with "
+                "`fedvault superlink stop` in that environment, or set FEDVAULT_SUPERLINK_PORT"
+            )
+
+
+def superlink_status(env: dict[str, str] | None = None) -> dict[str, Any]:
+    """This environment's SuperLink (home, port, pids) and fedvault's others on this machine."""
+    env = env or flower_env()
+    home, port = Path(env["FLWR_HOME"]), int(env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
+    links = superlinks()
+    own = [s for s in links if s.home is not None and _same(s.home, home)]
+    root = flower_home_root().resolve()
+    others = [
+        s for s in links
+        if s not in own and s.home is not None and str(s.home.resolve()).startswith(str(root))
+    ]  # fmt: skip
+    return {"environment": sys.prefix, "home": home, "port": port, "own": own, "others": others}
+
+
+def stop_local_superlink(env: dict[str, str] | None = None, timeout: float = 10.0) -> list[int]:
+    """Stop the SuperLink that ``flwr run`` started for this environment's ``FLWR_HOME``
+    (Linux); waits up to ``timeout`` s for it to exit."""
+    pids = local_superlink_pids((env or flower_env())["FLWR_HOME"])
+    return _terminate(pids, timeout)
+
+
+def _terminate(pids: list[int], grace: float) -> list[int]:
+    """SIGTERM ``pids``, SIGKILL what is left after ``grace`` s; the pids signalled."""
+    signalled = []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+            signalled.append(pid)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in signalled):
+        time.sleep(0.1)
+    for pid in signalled:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+    return signalled
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie has finished: it only waits for its parent to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and every process under it, parents first (Linux: from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat_file.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        if pid in tree:
+            continue
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return [p for p in tree if _alive(p)]
+
+
+# -- checks before launch ----------------------------------------------------------------------
 def build_run_config(
     scenario: Scenario, overrides: dict[str, Any], output_dir: Path | None
 ) -> dict[str, Any]:
-    """Scenario ∪ overrides, validated, with paths made absolute for the SuperLink's cwd."""
+    """Scenario ∪ overrides, validated, with every path made absolute against the user's
+    working directory (the SuperLink runs the apps from its own directory)."""
     merged = {**scenario.run_config, **overrides}
     if output_dir is not None:
         merged["output-dir"] = str(output_dir)
     for key in ("output-dir", "data-dir", "keys-dir", "encrypted-data-dir"):
         value = merged.get(key, RunConfig().to_mapping()[key])
         if value:
-            merged[key] = str(Path(str(value)).expanduser().resolve())
+            merged[key] = absolute(str(value))
     RunConfig.from_mapping(merged)
     return merged
 
 
+def absolute(path: str | Path) -> str:
+    """``path`` with ``~`` expanded, resolved against the working directory."""
+    return str(Path(path).expanduser().resolve())
+
+
+def prepare_output_dir(out_dir: Path) -> Path:
+    """Create ``out_dir`` and check it takes files: one line, not an OSError traceback."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".fedvault-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except FileExistsError:
+        raise ConfigError(
+            f"output dir {out_dir} is a file, not a directory: pass another --output-dir"
+        ) from None
+    except OSError as err:
+        reason = err.strerror or one_line(err)
+        raise ConfigError(
+            f"cannot write into output dir {out_dir} ({reason}): pass a writable --output-dir"
+        ) from None
+    return out_dir
+
+
+def preflight(run_config: dict[str, Any], num_clients: int) -> None:
+    """What the apps would fail on, checked here first: data set, model and activation names,
+    the data present and parseable, encrypted partitions made for these keys."""
+    from common.data import DATASETS
+    from common.data.sources import DataError, load_raw
+    from common.models import ACTIVATIONS, MODEL_NAMES
+
+    cfg = RunConfig.from_mapping(run_config)
+    if cfg.dataset not in DATASETS:
+        raise ConfigError(
+            f"unknown dataset {cfg.dataset!r}: --set dataset=<one of {list(DATASETS)}>"
+        )
+    if cfg.model not in MODEL_NAMES:
+        raise ConfigError(f"unknown model {cfg.model!r}: --set model=<one of {list(MODEL_NAMES)}>")
+    if cfg.activation not in ACTIVATIONS:
+        raise ConfigError(
+            f"unknown activation {cfg.activation!r}: "
+            f"--set activation=<one of {sorted(ACTIVATIONS)}>"
+        )
+    if cfg.data_dir and not Path(cfg.data_dir).is_dir():
+        raise ConfigError(f"data-dir {cfg.data_dir} is not a directory: fix --set data-dir")
+    raw = load_raw(cfg.dataset, cfg.data_dir, cfg.seed)  # DataError says what is missing
+    if (raw.kind == "image") != (cfg.model == "lenet5"):
+        fits = "lenet5" if raw.kind == "image" else "text-linear or text-mlp"
+        raise ConfigError(
+            f"model {cfg.model!r} does not take {raw.kind} data ({cfg.dataset}): --set model={fits}"
+        )
+    if cfg.encrypted_data_dir:
+        _check_encrypted_data(cfg, num_clients, DataError)
+
+
+def _check_encrypted_data(cfg: RunConfig, num_clients: int, data_error: type) -> None:
+    """The encrypted partitions exist for every client and were made for these keys."""
+    from common.crypto import load_identity
+    from common.data.encrypted import MANIFEST, partition_file
+    from common.federation_keys import client_dir
+
+    folder = Path(cfg.encrypted_data_dir)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        key_ids = dict(manifest["data_key_ids"])
+        dataset, num = manifest["dataset"], int(manifest["num_partitions"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise data_error(
+            f"encrypted-data-dir {folder} has no readable {MANIFEST} ({one_line(err)}): run "
+            "`fedvault data prepare` into it, or fix --set encrypted-data-dir"
+        ) from None
+    if dataset != cfg.dataset:
+        raise ConfigError(
+            f"encrypted-data-dir {folder} holds {dataset}, the run asks for {cfg.dataset}: "
+            f"--set dataset={dataset}, or prepare {cfg.dataset}"
+        )
+    if num < num_clients:
+        raise ConfigError(
+            f"encrypted-data-dir {folder} holds {num} partitions for {num_clients} clients: "
+            f"--num-clients {num}, or prepare {num_clients} partitions"
+        )
+    if not cfg.keys_dir:
+        raise ConfigError(
+            "encrypted-data-dir needs keys-dir (the keys it was prepared with): --set keys-dir=DIR"
+        )
+    for pid in range(num_clients):
+        if not partition_file(folder, pid).is_file():
+            raise data_error(
+                f"{partition_file(folder, pid)} is missing: re-run `fedvault data prepare`"
+            )
+        key_dir = client_dir(Path(cfg.keys_dir), pid)
+        passphrase = os.environ.get("FEDVAULT_PASSPHRASE")
+        own = load_identity(key_dir, passphrase.encode() if passphrase else None).ids.data
+        if own != key_ids.get(str(pid)):
+            raise ConfigError(
+                f"encrypted partition {pid} in {folder} was made for data key "
+                f"{key_ids.get(str(pid))}, but keys-dir {cfg.keys_dir} holds {own} (another "
+                "federation's keys): use the keys-dir it was prepared with, or prepare it again "
+                f"with --keys {cfg.keys_dir}"
+            )
+
+
+# -- a run -----------------------------------------------------------------------------------
 def run_scenario(
     scenario: Scenario,
     *,
@@ -95,64 +407,323 @@ def run_scenario(
     output_dir: Path | None = None,
     verbose: bool = False,
 ) -> SimulationResult:
-    """Run ``scenario`` to completion; raise :class:`SimulationError` if it left no results."""
-    if shutil.which("flwr") is None and not (Path(sys.executable).parent / "flwr").exists():
-        raise SimulationError("the `flwr` command is missing: pip install -e . in this venv")
+    """Run ``scenario`` to completion; raise :class:`SimulationError` if it left no results,
+    :class:`RunCancelled` on SIGINT/SIGTERM."""
+    flwr = _flwr_executable()
     run_config = build_run_config(scenario, overrides or {}, output_dir)
-    out_dir = Path(run_config["output-dir"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    supernodes = num_clients or scenario.num_supernodes
+    supernodes = scenario.num_supernodes if num_clients is None else num_clients
     if supernodes < 1:
-        raise ConfigError("--num-clients must be ≥ 1")
+        raise ConfigError(f"--num-clients must be ≥ 1 (got {supernodes})")
     min_nodes = int(run_config.get("min-train-nodes", RunConfig.min_train_nodes))
     if supernodes < min_nodes:
         raise ConfigError(
             f"{supernodes} clients but min-train-nodes={min_nodes}: raise --num-clients or "
             f"--set min-train-nodes={supernodes}"
         )
+    out_dir = prepare_output_dir(Path(run_config["output-dir"]))
+    preflight(run_config, supernodes)
+    env = flower_env()
+    check_superlink(env)
     run_config["keys-dir"] = str(simulated_holders(run_config, out_dir, supernodes))
-    flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
-    with tempfile.NamedTemporaryFile("wb", suffix=".toml", delete=False) as f:
+
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
+    with tempfile.NamedTemporaryFile("wb", prefix="fedvault-run-", suffix=".toml",
+                                     delete=False) as f:  # fmt: skip
         tomli_w.dump(run_config, f)
-        config_file = f.name
+        config_file = Path(f.name)
     federation = f"num-supernodes={supernodes} client-resources-num-cpus=1"
-    cmd = [flwr, "run", str(PROJECT_ROOT), "--stream", "--run-config", config_file,
+    cmd = [flwr, "run", str(PROJECT_ROOT), "--stream", "--run-config", str(config_file),
            "--federation-config", federation]  # fmt: skip
     log.info("scenario %s: %d clients; %s", scenario.name, supernodes, " ".join(cmd))
-    log_file = out_dir / f"simulation-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log_file = out_dir / f"simulation-{stamp}.log"
     started = time.time()
-    run_id = None
     try:
-        with log_file.open("w", encoding="utf-8") as sink:
-            proc = subprocess.Popen(
-                cmd,
-                env=flower_env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                errors="replace",
-            )
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                sink.write(ANSI.sub("", line))
-                if run_id is None and (m := RUN_ID.search(ANSI.sub("", line))):
-                    run_id = m.group(1)
-                if verbose or _worth_showing(line):
-                    sys.stderr.write(line)
-            code = proc.wait()
+        stream = _Stream(cmd, env, log_file, verbose)
+        try:
+            with _cancel_signals():
+                code = stream.wait()
+        except (KeyboardInterrupt, _Terminated) as sig:
+            name = "SIGTERM" if isinstance(sig, _Terminated) else "SIGINT"
+            with _signals_ignored():
+                raise _cancel(stream, out_dir, env, flwr, log_file, name) from None
     finally:
-        Path(config_file).unlink(missing_ok=True)
+        config_file.unlink(missing_ok=True)
     seconds = time.time() - started
+    run_id = stream.run_id
+    if stream.user_error:
+        _keep_log(log_file, out_dir, run_id)
+        raise AppError(stream.user_error)
     if code != 0 or run_id is None:
-        raise SimulationError(f"`flwr run` failed (exit {code}): see {log_file}")
+        raise SimulationError(f"`flwr run` failed (exit {code}){stream.failure()}: see {log_file}")
     run_dir = out_dir / run_id
     if not (run_dir / "model.pt").exists():
+        final_log = _keep_log(log_file, out_dir, run_id)
         raise SimulationError(
-            f"run {run_id} did not finish (no model.pt in {run_dir}): see {log_file}"
+            f"run {run_id} did not finish (no model.pt in {run_dir}){stream.failure()}: "
+            f"see {final_log}"
         )
-    final_log = run_dir / "simulation.log"
-    log_file.replace(final_log)
+    final_log = _keep_log(log_file, out_dir, run_id)
     return SimulationResult(run_id, run_dir, final_log, seconds, Path(run_config["keys-dir"]))
+
+
+def _keep_log(log_file: Path, out_dir: Path, run_id: str | None) -> Path:
+    """Move the run's log to ``<run-dir>/simulation.log`` when the run has a directory."""
+    if run_id is None or not log_file.exists():
+        return log_file
+    run_dir = out_dir / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / "simulation.log"
+    log_file.replace(final)
+    return final
+
+
+class _Stream:
+    """``flwr run --stream`` in its own session (a terminal's Ctrl-C reaches fedvault, which
+    cancels the run, not ``flwr run`` alone), its output read by a thread: every line into
+    the log file, the run id and any app-side user error picked out, the lines worth showing
+    shown."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log_file: Path, verbose: bool):
+        self.run_id: str | None = None
+        self.user_error: str | None = None
+        self.verbose = verbose
+        self.last_exception: str | None = None
+        self._in_traceback = False
+        self._events: queue.Queue[str] = queue.Queue()
+        self._sink = log_file.open("w", encoding="utf-8")
+        self.proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            errors="replace", start_new_session=True,
+        )  # fmt: skip
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            for line in self.proc.stdout:
+                plain = ANSI.sub("", line)
+                self._sink.write(plain)
+                self._sink.flush()
+                self._note(plain)
+                if self.verbose or (self.user_error is None and _worth_showing(line)):
+                    sys.stderr.write(line)
+                    sys.stderr.flush()
+        finally:
+            self._sink.close()
+            self._events.put("eof")
+
+    def _note(self, plain: str) -> None:
+        if self.run_id is None and (m := RUN_ID.search(plain)):
+            self.run_id = m.group(1)
+            self._events.put("run-id")
+        if self.user_error is None and (message := find_user_error(plain)):
+            self.user_error = message
+        if plain.startswith("Traceback (most recent call last)"):
+            self._in_traceback = True
+        elif self._in_traceback and plain.strip() and not plain[0].isspace():
+            self.last_exception = " ".join(plain.split())
+            self._in_traceback = False
+
+    def wait(self) -> int:
+        """Until ``flwr run`` exits and its output is read (signals interrupt this)."""
+        while self._reader.is_alive():
+            self._reader.join(0.2)
+        return self.proc.wait()
+
+    def wait_for_run_id(self, timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while self.run_id is None and self._reader.is_alive() and time.monotonic() < deadline:
+            self._reader.join(0.2)
+        return self.run_id
+
+    def failure(self) -> str:
+        return f": {self.last_exception}" if self.last_exception else ""
+
+    def stop(self, grace: float) -> None:
+        """End ``flwr run`` (its session: nothing of it is left) and finish reading."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._reader.join(grace)
+
+
+@contextlib.contextmanager
+def _cancel_signals() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt (Python's default); SIGTERM raises :class:`_Terminated`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(_signum: int, _frame: Any) -> None:
+        raise _Terminated()
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """While a cancellation cleans up (bounded): a second Ctrl-C must not leave it half done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _cancel(
+    stream: _Stream, out_dir: Path, env: dict[str, str], flwr: str, log_file: Path, why: str
+) -> RunCancelled:
+    """Stop the run in Flower, end every process of it, keep and mark what it finished.
+
+    The simulation process that runs the ServerApp, and everything under it (Ray, the
+    ClientApps), is frozen first (SIGSTOP: nothing trains or records from here on), then the
+    run is stopped in Flower (``flwr stop``: the SuperLink marks it stopped and starts nothing
+    more of it), then the frozen processes are killed. ``flwr stop`` alone would end the
+    process only at its next heartbeat, up to ~30 s later."""
+    sys.stderr.write(f"fedvault: {why}: cancelling the run (this takes a few seconds)\n")
+    sys.stderr.flush()
+    run_id = stream.wait_for_run_id(RUN_ID_WAIT_S)
+    if run_id is None:  # the run never started: ending `flwr run` ends everything
+        stream.stop(CANCEL_GRACE_S)
+        return RunCancelled(f"{why}: cancelled before the run started (log: {log_file})", None)
+    run_dir = out_dir / run_id
+    pid = _serverapp_pid(run_dir)
+    frozen = _freeze(pid) if pid else []
+    stopped = subprocess.run(
+        [flwr, "stop", run_id], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    if pid is None:  # cancelled while the simulation process was still starting
+        pid = _wait_for_serverapp(run_dir, env, stream)
+        frozen = _freeze(pid) if pid else []
+    _kill(frozen)
+    stream.stop(CANCEL_GRACE_S)
+    (run_dir / PID_FILE).unlink(missing_ok=True)
+    with contextlib.suppress(OSError), log_file.open("a", encoding="utf-8") as sink:
+        sink.write(f"\n[fedvault] {why}: `flwr stop {run_id}` → exit {stopped.returncode}: "
+                   f"{' '.join((stopped.stdout + stopped.stderr).split())}\n")  # fmt: skip
+    done = mark_cancelled(run_dir, why)
+    final_log = _keep_log(log_file, out_dir, run_id)
+    return RunCancelled(
+        f"run {run_id} cancelled ({why}) after {done} completed round(s); what it finished is "
+        f"in {run_dir} (metrics.json, simulation.log; marked cancelled)"
+        if done
+        else f"run {run_id} cancelled ({why}) before its first round ended; log: {final_log}",
+        run_dir,
+    )
+
+
+def _serverapp_pid(run_dir: Path) -> int | None:
+    """The simulation process running this run's ServerApp, from its pid file."""
+    try:
+        pid = int((run_dir / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) and "flwr-simulation" in " ".join(_cmdline(pid)[:2]) else None
+
+
+def _start_ticks(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _wait_for_serverapp(run_dir: Path, env: dict[str, str], stream: _Stream) -> int | None:
+    """Wait for the ServerApp's pid file while a simulation process that may be this run's
+    (started under this SuperLink after this `flwr run`) is alive; at most PID_WAIT_S."""
+    since = _start_ticks(stream.proc.pid)
+    deadline = time.monotonic() + PID_WAIT_S
+    while time.monotonic() < deadline:
+        if (pid := _serverapp_pid(run_dir)) is not None:
+            return pid
+        candidates = [
+            p for link in local_superlink_pids(env["FLWR_HOME"]) for p in process_tree(link)
+            if "flwr-simulation" in " ".join(_cmdline(p)[:2]) and _start_ticks(p) >= since
+        ]  # fmt: skip
+        if not candidates:
+            return None
+        time.sleep(0.2)
+    return None
+
+
+def _freeze(pid: int) -> list[int]:
+    """SIGSTOP ``pid`` and everything under it (collected again until no new process shows)."""
+    frozen: list[int] = []
+    for _ in range(5):
+        fresh = [p for p in process_tree(pid) if p not in frozen]
+        if not fresh:
+            break
+        for p in fresh:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(p, signal.SIGSTOP)
+        frozen += fresh
+    return frozen
+
+
+def _kill(pids: list[int]) -> None:
+    for p in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(p, signal.SIGKILL)
+    deadline = time.monotonic() + CANCEL_GRACE_S
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+
+
+def mark_cancelled(run_dir: Path, why: str) -> int:
+    """Write ``CANCELLED`` and set ``summary.cancelled`` in metrics.json (when the run got that
+    far); returns the number of completed rounds kept."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = run_dir / "metrics.json"
+    rounds = 0
+    try:
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        metrics = None
+    if isinstance(metrics, dict):
+        rounds = len(metrics.get("rounds", []))
+        summary = metrics.setdefault("summary", {})
+        summary |= {"cancelled": True, "cancelled_by": why, "cancelled_after_rounds": rounds}
+        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".metrics.json.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(metrics, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, metrics_path)
+    (run_dir / "CANCELLED").write_text(
+        f"cancelled by {why} at {time.strftime('%Y-%m-%d %H:%M:%S')} after {rounds} completed "
+        "round(s)\n",
+        encoding="utf-8",
+    )
+    return rounds
+
+
+# -- simulated holders -----------------------------------------------------------------------
+@contextlib.contextmanager
+def _locked(keys_dir: Path) -> Iterator[None]:
+    """One provisioning at a time per federation (concurrent runs on one kept keys-dir)."""
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    with (keys_dir / ".provision.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def simulated_holders(run_config: dict[str, Any], out_dir: Path, num_clients: int) -> Path:
@@ -162,8 +733,12 @@ def simulated_holders(run_config: dict[str, Any], out_dir: Path, num_clients: in
     With run-config ``keys-dir`` that federation is kept: its holders' lifetime budgets carry
     over from run to run, as real holders' would, and a policy already there is the holder's
     own and is never rewritten. Without it every run gets a fresh federation in
-    ``<output-dir>/federations/`` -- fresh holders whose lifetime starts with this run.
+    ``<output-dir>/federations/`` -- fresh holders whose lifetime starts with that run.
+    Provisioning holds a lock on the federation, so concurrent runs can share one.
     """
+    from common.federation_keys import client_dir, provision
+    from common.privacy.policy import POLICY_FILE
+
     if run_config.get("keys-dir"):
         keys_dir = Path(run_config["keys-dir"])
         log.info("simulated holders: %s (kept: lifetime budgets continue)", keys_dir)
@@ -174,19 +749,28 @@ def simulated_holders(run_config: dict[str, Any], out_dir: Path, num_clients: in
             "simulated holders: %s (new; pass --set keys-dir=%s to keep them, and their "
             "spent budgets, for the next run)", keys_dir, keys_dir,
         )  # fmt: skip
-    provision(keys_dir, num_clients)
     cfg = RunConfig.from_mapping(run_config)
-    for i in range(num_clients):
-        path = client_dir(keys_dir, i) / POLICY_FILE
-        if not path.exists():
-            simulated_policy(cfg, i).save(path)
+    try:
+        with _locked(keys_dir):
+            provision(keys_dir, num_clients)
+            for i in range(num_clients):
+                path = client_dir(keys_dir, i) / POLICY_FILE
+                if not path.exists():
+                    simulated_policy(cfg, i).save(path)
+    except (FileExistsError, NotADirectoryError, PermissionError) as err:
+        raise ConfigError(
+            f"cannot use keys-dir {keys_dir} ({err.strerror or one_line(err)}"
+            f"{': ' + str(err.filename) if err.filename else ''}): fix --set keys-dir"
+        ) from None
     return keys_dir
 
 
-def simulated_policy(cfg: RunConfig, partition_id: int) -> PrivacyPolicy:
+def simulated_policy(cfg: RunConfig, partition_id: int):
     """What a simulated holder agrees to: the scenario's budget as its lifetime budget, DP and
     sealing as the scenario has them. It releases federated evaluation, because a simulated
     holder's data is a slice of a public data set; a real holder decides that itself."""
+    from common.privacy.policy import PrivacyPolicy
+
     return PrivacyPolicy(
         dataset_id=f"{cfg.dataset}-partition-{partition_id}",
         lifetime_epsilon=cfg.target_epsilon,
@@ -199,38 +783,14 @@ def simulated_policy(cfg: RunConfig, partition_id: int) -> PrivacyPolicy:
 
 
 def _worth_showing(line: str) -> bool:
+    """Lines shown without ``-v``: fedvault's own, the run id, refusals and Flower's errors
+    (once, in Flower's console format; tracebacks stay in the log)."""
     plain = ANSI.sub("", line)
+    if find_user_error(plain):
+        return False  # printed once, as fedvault's own error line, at the end
     return (
         "fedvault.server" in plain
-        or "ERROR" in plain
-        or "Traceback" in plain
+        or plain.startswith("ERROR ")
         or "refuses" in plain
         or "Successfully started run" in plain
-    )
-
-
-def local_superlink_pids(home: str) -> list[int]:
-    """The detached ``flower-superlink`` processes ``flwr run`` started for FLWR_HOME ``home``
-    (Linux: read from /proc, so no process library is needed)."""
-    pids = []
-    for proc_dir in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc_dir / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        args = [a.decode(errors="replace") for a in cmdline]
-        if any("flower-superlink" in a for a in args[:2]) and any(home in a for a in args):
-            pids.append(int(proc_dir.name))
-    return pids
-
-
-def stop_local_superlink(env: dict[str, str] | None = None) -> list[int]:
-    """Stop the SuperLink that ``flwr run`` started for fedvault's ``FLWR_HOME`` (Linux)."""
-    stopped = []
-    for pid in local_superlink_pids((env or flower_env())["FLWR_HOME"]):
-        try:
-            os.kill(pid, signal.SIGTERM)
-            stopped.append(pid)
-        except ProcessLookupError:
-            pass
-    return stopped
+    ) and "Exit Code:" not in plain

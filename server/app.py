@@ -1,13 +1,20 @@
 """fedvault ServerApp: FedAvg rounds, central evaluation, and the run directory.
 
 Writes into ``<output-dir>/<run-id>/``: ``metrics.json`` (after every round) and
-``model.pt`` (the final global model's state dict).
+``model.pt`` (the final global model's state dict). While it runs, ``.serverapp.pid`` names
+the process it runs in (Flower's simulation process), so ``fedvault simulate`` can end that
+process and everything under it when the user cancels the run.
+
+An error the user can fix (bad config, missing or corrupt data, wrong keys, a client whose
+data is unusable) is logged as ONE line starting ``fedvault error: `` and re-raised, so Flower
+still marks the run failed; ``fedvault simulate`` prints that line, not the traceback.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -17,23 +24,56 @@ from flwr.serverapp import Grid, ServerApp
 
 from common import federation_keys
 from common.config import ConfigError, RunConfig
-from common.data import load_raw_cached, load_test_set
-from common.logs import configure_logging
+from common.crypto import CryptoError
+from common.data import DataError, load_raw_cached, load_test_set
+from common.logs import configure_logging, user_error_line
 from common.metrics import evaluate_with_metrics
 from common.models import count_parameters, model_for
 from common.report import write_report
 from server.grid import PollingGrid
 from server.run_record import RunRecord
 from server.sealing import ServerSealer
-from server.strategy import RecordingFedAvg
+from server.strategy import RecordingFedAvg, RunAborted
 
 log = logging.getLogger("fedvault.server")
 app = ServerApp()
+
+PID_FILE = ".serverapp.pid"
+# Errors whose message tells the user what to fix (ConfigError is a ValueError).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, DataError, CryptoError, OSError, RunAborted,
+)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     configure_logging()
+    pid_file = _write_pid_file(context)
+    try:
+        _run(grid, context)
+    except USER_ERRORS as err:
+        log.error(user_error_line(err))
+        raise
+    finally:
+        if pid_file is not None:
+            pid_file.unlink(missing_ok=True)
+
+
+def _write_pid_file(context: Context) -> Path | None:
+    """``<run-dir>/.serverapp.pid``: this process, for ``fedvault simulate``'s cancellation.
+    Best effort: a run config bad enough to break this fails in :func:`_run` with its reason."""
+    try:
+        out = Path(str(context.run_config.get("output-dir") or "runs")).expanduser().resolve()
+        run_dir = out / str(context.run_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / PID_FILE
+        path.write_text(f"{os.getpid()}\n", encoding="utf-8")
+        return path
+    except (OSError, ValueError):
+        return None
+
+
+def _run(grid: Grid, context: Context) -> None:
     started = time.time()
     cfg = RunConfig.from_mapping(context.run_config)
     # Flower's grid sleeps 3 s between pulls for replies; every phase would end that late.
