@@ -25,6 +25,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,7 @@ class RunTerms:
 
     noise_multiplier: float
     epsilon_at_start: float  # lifetime ε spent before this run
-    run_budget: float  # the most this run may add: min(run's ask, lifetime left)
+    run_budget: float  # the most this run may add (what it asked; never over the lifetime left)
 
 
 @dataclass(frozen=True)
@@ -162,15 +163,23 @@ class PrivacySession:
             )
 
     def _new_run_terms(self, cfg: RunConfig, q: float, steps_per_round: int) -> RunTerms:
-        """σ for the whole planned run, fitted into min(the run's ask, the lifetime left)."""
+        """σ for the whole planned run, so that it adds at most what the run asks for.
+
+        A run that asks for more than the data set's lifetime budget has left is refused, not
+        quietly given less: the operator learns what is left and asks for it explicitly."""
         spent = self.spent
         left = self.policy.lifetime_epsilon - spent
-        run_budget = min(cfg.target_epsilon, left)
-        if run_budget <= 0:
+        where = (
+            f"data set {self.policy.dataset_id!r} has spent ε {spent:.4f} of its lifetime "
+            f"budget {self.policy.lifetime_epsilon:g} (δ={self.policy.delta:g})"
+        )
+        if left <= 0:
+            raise PrivacyBudgetExceeded(f"privacy budget exhausted: {where}; the client refuses")
+        if cfg.target_epsilon > left:
             raise PrivacyBudgetExceeded(
-                f"privacy budget exhausted: data set {self.policy.dataset_id!r} has spent "
-                f"ε {spent:.4f} of its lifetime budget {self.policy.lifetime_epsilon:g}; the "
-                "client refuses to train"
+                f"privacy budget exhausted: the run asks for up to ε {cfg.target_epsilon:g}, "
+                f"but {where}: {math.floor(left * 1e4) / 1e4:.4f} is left (set target-epsilon "
+                "to at most that)"
             )
         planned = cfg.num_server_rounds * steps_per_round
         if cfg.noise_multiplier:
@@ -178,7 +187,7 @@ class PrivacySession:
         else:
             try:
                 sigma = calibrate_noise_after(
-                    self.history, target_epsilon=spent + run_budget,
+                    self.history, target_epsilon=spent + cfg.target_epsilon,
                     target_delta=self.policy.delta, sample_rate=q, total_steps=planned,
                     accountant=self.policy.accountant,
                 )  # fmt: skip
@@ -187,11 +196,11 @@ class PrivacySession:
         sigma = max(sigma, self.policy.min_noise_multiplier)
         log.info(
             "privacy plan for data set %r: σ=%.4f for %d steps at q=%.4f; lifetime ε %.4f "
-            "spent, this run may add ≤ %.4f (lifetime budget %g at δ=%g, %s)",
-            self.policy.dataset_id, sigma, planned, q, spent, run_budget,
+            "spent, this run may add ≤ %g (lifetime budget %g at δ=%g, %s)",
+            self.policy.dataset_id, sigma, planned, q, spent, cfg.target_epsilon,
             self.policy.lifetime_epsilon, self.policy.delta, self.policy.accountant,
         )  # fmt: skip
-        return RunTerms(sigma, spent, run_budget)
+        return RunTerms(sigma, spent, cfg.target_epsilon)
 
     def commit(
         self,

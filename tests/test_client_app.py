@@ -162,7 +162,7 @@ def test_two_runs_at_once_on_one_holder_both_count(tmp_path):
 
     def run(run_id: int) -> None:
         context = Context(run_id=run_id, node_id=7, node_config=node_config, state=RecordDict(),
-                          run_config=dict(RUN_CONFIG))  # fmt: skip
+                          run_config={**RUN_CONFIG, "target-epsilon": 4.0})  # fmt: skip
         replies[run_id] = app(_message(model, 1), context)
 
     threads = [threading.Thread(target=run, args=(r,)) for r in (21, 22)]

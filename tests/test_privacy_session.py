@@ -60,24 +60,32 @@ def test_the_budget_carries_over_to_the_next_run(holder):
     assert [e.seq for e in second.ledger.entries] == [1, 2, 3, 4]
     assert entries[0].prev_hash == second.ledger.entries[1].hash
     save_session(path, second, key)
-    # a third run may only use what is left: it gets far more noise, and stays within 8
+    # a third run that asks for more than is left is refused, naming what is left
     third = load_session(path, PrivacyPolicy(), key)
-    plan = third.plan_round(_cfg(), "run-3", N)
-    assert plan.terms.run_budget == pytest.approx(8.0 - second.spent)
-    assert plan.noise_multiplier > 3 * entries[0].noise_multiplier
-    assert second.spent < plan.epsilon_after <= 8.0
-    # and with nothing left, nothing is planned
-    spent_all = PrivacySession.new(PrivacyPolicy(lifetime_epsilon=second.spent))
-    spent_all.history = list(second.history)
-    with pytest.raises(PrivacyBudgetExceeded, match="has spent"):
-        spent_all.plan_round(_cfg(), "run-3", N)
+    left = 8.0 - second.spent
+    with pytest.raises(PrivacyBudgetExceeded, match=r"is left \(set target-epsilon"):
+        third.plan_round(_cfg(), "run-3", N)
+    # asking for what is left: a far noisier plan that stays within 8, or, when even σ = 10
+    # would spend more than is left, a refusal naming the smallest ε that makes sense
+    q, steps = 1 / 15, 30
+    floor = epsilon_of([*second.history, (10.0, q, steps)], 1e-5, "prv") - second.spent
+    if left > floor:
+        plan = third.plan_round(_cfg(**{"target-epsilon": left}), "run-3", N)
+        assert plan.noise_multiplier > entries[0].noise_multiplier
+        assert second.spent < plan.epsilon_after <= 8.0
+    else:
+        with pytest.raises(PrivacyBudgetExceeded, match="smallest that makes sense"):
+            third.plan_round(_cfg(**{"target-epsilon": left}), "run-3", N)
 
 
 def test_the_run_config_cannot_raise_the_budget_or_lower_the_noise():
     """Before: target-epsilon=1000 noise-multiplier=0.3 trained a round at ε 34.6."""
     session = PrivacySession.new(PrivacyPolicy(lifetime_epsilon=8.0))
-    with pytest.raises(PrivacyBudgetExceeded, match="over its lifetime budget 8"):
+    with pytest.raises(PrivacyBudgetExceeded, match="asks for up to ε 1000"):
         session.plan_round(_cfg(**{"target-epsilon": 1000.0, "noise-multiplier": 0.3}), "r", N)
+    # within the asked budget, a hand-set σ that would cross the lifetime budget is refused
+    with pytest.raises(PrivacyBudgetExceeded, match="over its lifetime budget 8"):
+        session.plan_round(_cfg(**{"target-epsilon": 8.0, "noise-multiplier": 0.3}), "r", N)
     strict = PrivacySession.new(PrivacyPolicy(min_noise_multiplier=1.0))
     with pytest.raises(PolicyRefusal, match="below this holder's min-noise-multiplier 1"):
         strict.plan_round(_cfg(**{"noise-multiplier": 0.5}), "r", N)
