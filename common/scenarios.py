@@ -73,7 +73,12 @@ def load(name_or_path: str | None) -> Scenario:
     run_config = dict(data.get("run-config", {}))
     RunConfig.from_mapping(run_config)  # fail now, not inside the simulation
     federation = dict(data.get("federation", {}))
-    num_supernodes = int(federation.get("num-supernodes", 2))
+    num_supernodes = federation.get("num-supernodes", 2)
+    if type(num_supernodes) is not int or num_supernodes < 1:
+        raise ConfigError(
+            f"scenario {path}: [federation] num-supernodes = {num_supernodes!r} is not a whole "
+            "number ≥ 1: fix the file, or pass --num-clients"
+        )
     description = " ".join(
         line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")
     )

@@ -207,7 +207,8 @@ def check_superlink(env: dict[str, str]) -> None:
             continue
         if not link.ours or link.home is None or not _same(link.home, home):
             raise SimulationError(
-                f"port {port} is held by another environment's SuperLink (pid {link.pid}, "
+                f"port {port} is held by a SuperLink of another environment or FLWR_HOME "
+                f"(pid {link.pid}, "
                 f"{link.bin_dir or '?'}, FLWR_HOME {link.home or '?'}): stop it with "
                 "`fedvault superlink stop` in that environment, or set FEDVAULT_SUPERLINK_PORT"
             )
@@ -437,12 +438,15 @@ def run_scenario(
     log.info("scenario %s: %d clients; %s", scenario.name, supernodes, " ".join(cmd))
     log_file = out_dir / f"simulation-{stamp}.log"
     started = time.time()
+    stream: _Stream | None = None
     try:
-        stream = _Stream(cmd, env, log_file, verbose)
         try:
             with _cancel_signals():
+                stream = _Stream(cmd, env, log_file, verbose)
                 code = stream.wait()
         except (KeyboardInterrupt, _Terminated) as sig:
+            if stream is None:
+                raise KeyboardInterrupt from None  # nothing was started
             name = "SIGTERM" if isinstance(sig, _Terminated) else "SIGINT"
             with _signals_ignored():
                 raise _cancel(stream, out_dir, env, flwr, log_file, name) from None
@@ -488,6 +492,7 @@ class _Stream:
         self.user_error: str | None = None
         self.verbose = verbose
         self.last_exception: str | None = None
+        self.last_line = ""
         self._in_traceback = False
         self._events: queue.Queue[str] = queue.Queue()
         self._sink = log_file.open("w", encoding="utf-8")
@@ -519,6 +524,8 @@ class _Stream:
             self._events.put("run-id")
         if self.user_error is None and (message := find_user_error(plain)):
             self.user_error = message
+        if plain.strip():
+            self.last_line = " ".join(plain.split())
         if plain.startswith("Traceback (most recent call last)"):
             self._in_traceback = True
         elif self._in_traceback and plain.strip() and not plain[0].isspace():
@@ -538,7 +545,9 @@ class _Stream:
         return self.run_id
 
     def failure(self) -> str:
-        return f": {self.last_exception}" if self.last_exception else ""
+        """What the output says went wrong: the last exception, else its last line."""
+        last = self.last_exception or self.last_line
+        return f": {last}" if last else ""
 
     def stop(self, grace: float) -> None:
         """End ``flwr run`` (its session: nothing of it is left) and finish reading."""

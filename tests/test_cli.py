@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,98 @@ def test_a_run_where_no_client_ever_trained_exits_1(capsys):
         "rounds": [{"clients": [{"partition_id": 0}], "failures": []}, *untrained["rounds"]]
     }
     assert _nothing_trained(trained_once) == 0
+
+
+HELP_COMMANDS = [
+    [], ["simulate"], ["scenarios"], ["superlink"], ["superlink", "stop"], ["keys"],
+    ["keys", "init"], ["keys", "federation"], ["data", "prepare"], ["evaluate"], ["predict"],
+    ["provision"], ["fab-hash"], ["clientapp"],
+]  # fmt: skip
+
+
+def test_help_imports_neither_torch_nor_opacus():
+    """`fedvault --help` and the commands' --help build the parser without torch/opacus
+    (importing them took ≥ 5 s before every --help)."""
+    probe = (
+        "import sys\nfrom common.cli import main\n"
+        f"for argv in {HELP_COMMANDS!r}:\n"
+        "    try:\n        main([*argv, '--help'])\n    except SystemExit as e:\n"
+        "        assert e.code == 0, (argv, e.code)\n"
+        "heavy = sorted(m for m in ('torch', 'opacus', 'sklearn', 'flwr') if m in sys.modules)\n"
+        "print('HEAVY', heavy, file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["simulate", "--num-clients", "0"], "--num-clients: must be ≥ 1 (got 0)"),
+        (["keys", "federation", "--out", "k", "--clients", "-2"], "--clients: must be ≥ 1"),
+        (["data", "prepare", "--clients", "0", "--keys", "k", "--out", "e"],
+         "--clients: must be ≥ 1 (got 0)"),
+        (["data", "prepare", "--clients", "2", "--partition", "2", "--key", "k", "--out", "e"],
+         "--partition 2 is not one of the 2 partitions"),
+        (["provision", "--out", "f", "--superlink-host", "h", "--clients", "0"], "must be ≥ 1"),
+    ],
+)  # fmt: skip
+def test_bad_counts_are_refused_in_one_line(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_verbose_is_accepted_after_the_sub_command(tmp_path):
+    assert fedvault("scenarios", "-v").returncode == 0
+    proc = fedvault("simulate", "--set", "dataset=foo", "-v", "--output-dir", str(tmp_path))
+    assert proc.returncode == 2 and "unknown dataset 'foo'" in proc.stderr, proc.stderr
+
+
+def test_keys_init_into_a_file_or_a_locked_dir_is_one_line(tmp_path):
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):
+        proc = fedvault("keys", "init", "--role", "client", "--name", "c", "--out", str(out))
+        assert proc.returncode == 2 and "where a directory is needed" in proc.stderr, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if subprocess.run(["chattr", "+i", str(locked)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i not available here")
+    try:
+        proc = fedvault("keys", "federation", "--out", str(locked / "k"), "--clients", "2")
+    finally:
+        subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert proc.returncode == 2 and "permission denied" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+
+
+def test_data_prepare_prints_absolute_paths_for_relative_arguments(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "common.cli", *a], cwd=tmp_path,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run("keys", "federation", "--out", "keys", "--clients", "2").returncode == 0
+    proc = run("data", "prepare", "--clients", "2", "--keys", "keys", "--out", "enc")
+    assert proc.returncode == 0, proc.stderr
+    assert f"--set encrypted-data-dir={tmp_path / 'enc'}" in proc.stdout
+    assert f"--set keys-dir={tmp_path / 'keys'}" in proc.stdout
+
+
+def test_relative_paths_in_the_run_config_are_made_absolute(tmp_path, monkeypatch):
+    from common import scenarios
+    from common.simulate import build_run_config
+
+    monkeypatch.chdir(tmp_path)
+    merged = build_run_config(
+        scenarios.load(None),
+        {"keys-dir": "keys", "encrypted-data-dir": "enc", "data-dir": "~/data"},
+        output_dir=None,
+    )
+    assert merged["keys-dir"] == str(tmp_path / "keys")
+    assert merged["encrypted-data-dir"] == str(tmp_path / "enc")
+    assert merged["output-dir"] == str(tmp_path / "runs")
+    assert merged["data-dir"] == str(Path.home() / "data")
