@@ -12,9 +12,10 @@ from common.models import LeNet5
 pytestmark = pytest.mark.slow
 
 
-def fedvault(*args, check=True):
+def fedvault(*args, check=True, cwd=None):
     proc = subprocess.run(
-        [sys.executable, "-m", "common.cli", *args], capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "common.cli", *args], capture_output=True, text=True, timeout=900,
+        cwd=cwd,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"fedvault {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -85,14 +86,15 @@ def test_evaluate_matches_the_runs_last_round(digits_run):
 
 
 def test_run_from_encrypted_partitions(flower_home, tmp_path):
-    keys, enc = tmp_path / "keys", tmp_path / "enc"
-    fedvault("keys", "federation", "--out", str(keys), "--clients", "3")
-    fedvault("data", "prepare", "--dataset", "digits", "--clients", "3", "--keys", str(keys),
-             "--out", str(enc))  # fmt: skip
+    """With every path relative to the user's working directory (before: a relative keys-dir
+    or encrypted-data-dir broke the run, because the SuperLink runs the apps elsewhere)."""
+    fedvault("keys", "federation", "--out", "keys", "--clients", "3", cwd=tmp_path)
+    fedvault("data", "prepare", "--dataset", "digits", "--clients", "3", "--keys", "keys",
+             "--out", "enc", cwd=tmp_path)  # fmt: skip
     out = tmp_path / "runs"
-    fedvault("simulate", "digits-dp", "--num-clients", "3", "--output-dir", str(out),
-             "--set", "num-server-rounds=1", "--set", f"keys-dir={keys}",
-             "--set", f"encrypted-data-dir={enc}")  # fmt: skip
+    fedvault("simulate", "digits-dp", "--num-clients", "3", "--output-dir", "runs",
+             "--set", "num-server-rounds=1", "--set", "keys-dir=keys",
+             "--set", "encrypted-data-dir=enc", cwd=tmp_path)  # fmt: skip
     run_dir = _run_dir(out)
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert len(rounds[0]["clients"]) == 3 and not rounds[0]["failures"]
