@@ -276,24 +276,33 @@ def _flatten_alpha(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("L")
 
 
-def read_text_inputs(args: Sequence[str]) -> list[str]:
-    """Texts to classify: an argument naming an existing file gives its non-empty lines
-    (stripped), any other argument is a text itself."""
-    texts: list[str] = []
-    for arg in args:
+def read_text_inputs(
+    files: Sequence[str], texts: Sequence[str] = ()
+) -> tuple[list[str], list[Prediction]]:
+    """Texts to classify: every non-empty line of each file in ``files``, then ``texts``
+    themselves (given with ``--text``: only then is an argument a text, so a mistyped path
+    is never classified as one). A file that is missing, unreadable, not UTF-8 or holds no
+    text is a failure of its own; the other inputs are still classified."""
+    found: list[str] = []
+    failures: list[Prediction] = []
+    for arg in files:
         path = Path(arg).expanduser()
-        if not path.is_file():
-            texts.append(arg)
-            continue
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            why = f"{arg}: no such file (to classify the words themselves, pass --text)"
+            failures.append(_failed(arg, why))
+            continue
         except UnicodeDecodeError:
-            raise InferenceError(
-                f"{path} is not a UTF-8 text file: pass texts, one a line"
-            ) from None
+            failures.append(_failed(arg, f"{arg}: not a UTF-8 text file (one text a line)"))
+            continue
         except OSError as err:
-            raise InferenceError(f"{path} cannot be read ({one_line(err)})") from None
+            failures.append(_failed(arg, f"{arg}: cannot be read ({one_line(err)})"))
+            continue
         kept = [line.strip() for line in lines if line.strip()]
+        if not kept:
+            failures.append(_failed(arg, f"{arg}: no text in the file (one text a line)"))
         log.debug("%s: %d text(s)", path, len(kept))
-        texts.extend(kept)
-    return texts
+        found.extend(kept)
+    found.extend(texts)
+    return found, failures

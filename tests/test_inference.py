@@ -336,14 +336,36 @@ def test_predict_text(text_run):
 def test_read_text_inputs_expands_files_into_lines(tmp_path):
     messages = tmp_path / "messages.txt"
     messages.write_text("first message\n\n  second message  \n\r\nthird\n", encoding="utf-8")
-    assert read_text_inputs(["hello there", str(messages), "bye"]) == [
-        "hello there",
-        "first message",
-        "second message",
-        "third",
-        "bye",
-    ]
+    texts, failures = read_text_inputs([str(messages)], ["hello there"])
+    assert texts == ["first message", "second message", "third", "hello there"]
+    assert failures == []
+
+
+def test_bad_text_files_are_reported_and_the_others_still_classified(tmp_path):
+    """Before: a mistyped path was classified as a text (`spam 0.6504 nonexistent.txt`,
+    exit 0), an empty file printed nothing, one non-UTF-8 file aborted the whole batch."""
+    good = tmp_path / "good.txt"
+    good.write_text("see you at lunch\n", encoding="utf-8")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
     binary = tmp_path / "binary.bin"
     binary.write_bytes(b"\xff\xfe\x00\x81")
-    with pytest.raises(InferenceError, match=r"binary\.bin"):
-        read_text_inputs([str(binary)])
+    missing = str(tmp_path / "nonexistent.txt")
+    texts, failures = read_text_inputs([missing, str(empty), str(binary), str(good)])
+    assert texts == ["see you at lunch"]
+    reasons = {f.input: f.error for f in failures}
+    assert "no such file" in reasons[missing] and "--text" in reasons[missing]
+    assert "no text in the file" in reasons[str(empty)]
+    assert "not a UTF-8 text file" in reasons[str(binary)]
+    assert all(f.label is None for f in failures)
+
+
+def test_fedvault_predict_on_texts_reports_bad_files_and_classifies_the_rest(text_run, capsys):
+    from common.cli import main
+
+    missing = "nonexistent.txt"
+    code = main(["predict", str(text_run), missing, "--text", "claim your free prize now"])
+    out, err = capsys.readouterr()
+    assert code == 1  # one input failed
+    assert "no such file" in err and missing in err
+    assert out.strip().split("\t")[0] == "spam" and missing not in out

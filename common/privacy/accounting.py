@@ -20,9 +20,6 @@ import math
 from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-
 from common.privacy import ACCOUNTANTS
 
 Mechanism = tuple[float, float, int]
@@ -80,6 +77,8 @@ def _composed_epsilon(merged: tuple[Mechanism, ...], delta: float, accountant: s
     """Cached per process: a pure function of the history, and a PRV evaluation takes
     ~0.1 s. Every client in a round of an IID run has the same history, so a simulation
     actor computes each round's ε once instead of once per client it serves."""
+    from opacus.accountants import create_accountant  # here: importing Opacus loads torch
+
     acc = create_accountant(mechanism=accountant)
     acc.history = list(merged)
     return float(acc.get_epsilon(delta=delta))
@@ -109,6 +108,8 @@ def calibrate_noise(
             f"invalid privacy budget ε={target_epsilon}, δ={target_delta}: "
             "set target-epsilon > 0 and 0 < target-delta < 1"
         )
+    from opacus.accountants.utils import get_noise_multiplier
+
     try:
         return float(
             get_noise_multiplier(
