@@ -425,7 +425,8 @@ def run_scenario(
     preflight(run_config, supernodes)
     env = flower_env()
     check_superlink(env)
-    run_config["keys-dir"] = str(simulated_holders(run_config, out_dir, supernodes))
+    holders = simulated_holders(run_config, scenario, out_dir, supernodes)
+    run_config["keys-dir"] = str(holders)
 
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
     with tempfile.NamedTemporaryFile("wb", prefix="fedvault-run-", suffix=".toml",
@@ -735,9 +736,14 @@ def _locked(keys_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def simulated_holders(run_config: dict[str, Any], out_dir: Path, num_clients: int) -> Path:
+def simulated_holders(
+    run_config: dict[str, Any], scenario: Scenario, out_dir: Path, num_clients: int
+) -> Path:
     """The simulated data holders: ``client-<i>/`` with identity, ``policy.toml`` and (once
     they train) ``state/``, plus ``server/``.
+
+    A new holder's policy comes from the *scenario file* (:func:`simulated_policy`), never
+    from ``--set``: the overrides are the operator's request, which the holders judge.
 
     With run-config ``keys-dir`` that federation is kept: its holders' lifetime budgets carry
     over from run to run, as real holders' would, and a policy already there is the holder's
@@ -758,14 +764,15 @@ def simulated_holders(run_config: dict[str, Any], out_dir: Path, num_clients: in
             "simulated holders: %s (new; pass --set keys-dir=%s to keep them, and their "
             "spent budgets, for the next run)", keys_dir, keys_dir,
         )  # fmt: skip
-    cfg = RunConfig.from_mapping(run_config)
+    agreed = RunConfig.from_mapping(scenario.run_config)
+    dataset = RunConfig.from_mapping(run_config).dataset
     try:
         with _locked(keys_dir):
             provision(keys_dir, num_clients)
             for i in range(num_clients):
                 path = client_dir(keys_dir, i) / POLICY_FILE
                 if not path.exists():
-                    simulated_policy(cfg, i).save(path)
+                    simulated_policy(agreed, dataset, i).save(path)
     except (FileExistsError, NotADirectoryError, PermissionError) as err:
         raise ConfigError(
             f"cannot use keys-dir {keys_dir} ({err.strerror or one_line(err)}"
@@ -774,14 +781,15 @@ def simulated_holders(run_config: dict[str, Any], out_dir: Path, num_clients: in
     return keys_dir
 
 
-def simulated_policy(cfg: RunConfig, partition_id: int):
-    """What a simulated holder agrees to: the scenario's budget as its lifetime budget, DP and
-    sealing as the scenario has them. It releases federated evaluation, because a simulated
-    holder's data is a slice of a public data set; a real holder decides that itself."""
+def simulated_policy(cfg: RunConfig, dataset: str, partition_id: int):
+    """What a simulated holder agrees to, from the scenario file: its ``target-epsilon`` as the
+    lifetime budget, its δ, accountant, DP and sealing. It releases federated evaluation,
+    because a simulated holder's data is a slice of a public data set; a real holder
+    decides that itself."""
     from common.privacy.policy import PrivacyPolicy
 
     return PrivacyPolicy(
-        dataset_id=f"{cfg.dataset}-partition-{partition_id}",
+        dataset_id=f"{dataset}-partition-{partition_id}",
         lifetime_epsilon=cfg.target_epsilon,
         delta=cfg.target_delta,
         accountant=cfg.accountant,

@@ -38,3 +38,21 @@ def test_bad_scenario_file_is_one_line(tmp_path):
     broken.write_text("[run-config\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         scenarios.load(str(broken))
+
+
+def test_simulated_holders_agree_to_the_scenario_not_to_the_overrides(tmp_path):
+    """`--set target-epsilon=1000 --set dp=false` is the operator's request: the simulated
+    holders' policies come from the scenario file, so they refuse it like real ones would."""
+    from common import scenarios
+    from common.federation_keys import client_dir
+    from common.privacy.policy import POLICY_FILE, PrivacyPolicy
+    from common.simulate import build_run_config, simulated_holders
+
+    scenario = scenarios.load("digits-dp")
+    overrides = {"target-epsilon": 1000.0, "dp": False, "encrypt-updates": False}
+    run_config = build_run_config(scenario, overrides, tmp_path)
+    keys = simulated_holders(run_config, scenario, tmp_path, 2)
+    for pid in (0, 1):
+        policy = PrivacyPolicy.load(client_dir(keys, pid) / POLICY_FILE)
+        assert policy.lifetime_epsilon == 8.0 and policy.require_dp and policy.require_sealing
+        assert policy.dataset_id == f"digits-partition-{pid}"
