@@ -100,6 +100,25 @@ def test_run_from_encrypted_partitions(flower_home, tmp_path):
     assert len(rounds[0]["clients"]) == 3 and not rounds[0]["failures"]
     assert rounds[0]["test_accuracy"] > 0.2
 
+    # One flipped byte in client 1's partition: the AEAD catches it, and since every round
+    # would fail the same way the run ends with that reason (before: "finished", exit 0,
+    # client 1 silently absent).
+    partition = tmp_path / "enc" / "partition-1.fvd"
+    data = bytearray(partition.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    partition.write_bytes(bytes(data))
+    proc = fedvault("simulate", "digits-dp", "--num-clients", "3", "--output-dir", "corrupt",
+                    "--set", "num-server-rounds=3", "--set", "keys-dir=keys",
+                    "--set", "encrypted-data-dir=enc", cwd=tmp_path, check=False)  # fmt: skip
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "partition 1 cannot use its data" in last and "failed authentication" in last, last
+    assert "Traceback" not in proc.stderr
+    aborted = json.loads((_run_dir(tmp_path / "corrupt") / "metrics.json").read_text())
+    (failure,) = [f for r in aborted["rounds"] for f in r["failures"]]
+    assert failure["partition_id"] == 1 and failure["code"] == 4003
+    assert len(aborted["rounds"]) == 1  # it ended in the round it was found
+
 
 def test_budget_refusal_leaves_clients_out_and_the_run_goes_on(flower_home, tmp_path):
     # σ fixed by hand: round 1 costs ε≈6.5, round 2 would reach ≈8.0 > budget 7.
