@@ -57,7 +57,7 @@ def test_calibration_after_a_history_fits_the_lifetime_total(accountant):
         accountant=accountant,
     )  # fmt: skip
     assert sigma != pytest.approx(fresh, rel=1e-3)  # composition is not additive
-    with pytest.raises(ValueError, match="already spent"):
+    with pytest.raises(ValueError, match="too small for this plan"):
         calibrate_noise_after(
             history, target_epsilon=spent, target_delta=DELTA, sample_rate=0.05,
             total_steps=100, accountant=accountant,

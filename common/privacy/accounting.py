@@ -185,10 +185,6 @@ def _calibrate_after(
     def eps(sigma: float) -> float:
         return epsilon_of([*history, (sigma, q, steps)], delta, accountant)
 
-    if epsilon_of(history, delta, accountant) >= target:
-        raise ValueError(
-            f"the budget ε={target} is already spent by earlier rounds: no σ can fit more steps"
-        )
     low, high = 0.0, 10.0
     while eps(high) > target:
         low, high = high, 2 * high
