@@ -42,7 +42,6 @@ from common.config import RunConfig
 from common.provision import (
     Federation,
     provision_federation,
-    superlink_command,
     supernode_command,
 )
 
@@ -73,11 +72,8 @@ def federation_stack(fed: Federation, work: Path, *, tuned: bool) -> Iterator[Pa
     tag = "tuned" if tuned else "stock"
     procs: list[deploy.FlowerProcess] = []
     with deploy.stopping(procs):
-        cmd = superlink_command(fed.superlink, host="127.0.0.1", port=fed.superlink_port)
-        env = deploy.flower_env(work / f"superlink-home-{tag}", tuned=tuned)
-        procs.append(deploy.start_process("superlink", cmd, work / f"superlink-{tag}.log", env))
-        if not procs[0].wait_for(r"Uvicorn running on https://", CONNECT_TIMEOUT_S):
-            raise deploy.DeployError(f"SuperLink did not start:\n{procs[0].text()[-3000:]}")
+        procs.append(deploy.start_superlink(fed, work, tuned=tuned, timeout=CONNECT_TIMEOUT_S,
+                                            tag=f"-{tag}"))  # fmt: skip
         home = deploy.operator_home(fed, work / f"operator-home-{tag}")
         node_ids = deploy.register_supernodes(fed, home, range(NUM_NODES))
         for pid in range(NUM_NODES):

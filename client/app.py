@@ -75,7 +75,7 @@ def train(msg: Message, context: Context) -> Message:
     policy = holder.policy(cfg, context)
     if not cfg.dp:
         return _train_without_dp(msg, cfg, data, policy, pid, server_round)
-    path = _state_path(cfg, context)
+    path = _state_path(cfg, context, policy)
     with exclusive(path):  # one round at a time per holder, whatever run asks
         return _train_dp(msg, context, cfg, data, policy, pid, server_round, path)
 
@@ -83,11 +83,10 @@ def train(msg: Message, context: Context) -> Message:
 def _train_without_dp(msg: Message, cfg: RunConfig, data: Partition, policy: PrivacyPolicy,
                       pid: int, server_round: int) -> Message:  # fmt: skip
     """Baselines, for holders whose policy allows them (``require-dp = false``)."""
-    if policy.require_dp:
-        return _refuse(msg, pid, server_round, P.POLICY_REFUSED, PolicyRefusal(
-            "the run asks for training without DP (dp = false), which this holder's "
-            "policy forbids (require-dp = true)"
-        ))  # fmt: skip
+    try:
+        policy.check_no_dp()
+    except PolicyRefusal as refusal:
+        return _refuse(msg, pid, server_round, P.POLICY_REFUSED, refusal)
     model = _model(cfg, data, msg)
     started = time.perf_counter()
     result = train_local(model, data.train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
@@ -237,9 +236,9 @@ def _model(cfg: RunConfig, data: Partition, msg: Message) -> torch.nn.Module:
 
 
 # -- the session's home -------------------------------------------------------------------------
-def _state_path(cfg: RunConfig, context: Context) -> Path | None:
+def _state_path(cfg: RunConfig, context: Context, policy: PrivacyPolicy) -> Path | None:
     directory = holder.state_dir(cfg, context)
-    return None if directory is None else state_file(directory, holder.policy(cfg, context))
+    return None if directory is None else state_file(directory, policy)
 
 
 def _load(

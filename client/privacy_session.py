@@ -145,11 +145,7 @@ class PrivacySession:
         """What the run config asks that no budget arithmetic covers."""
         p = self.policy
         if not cfg.dp:
-            if p.require_dp:
-                raise PolicyRefusal(
-                    "the run asks for training without DP (dp = false), which this holder's "
-                    "policy forbids (require-dp = true)"
-                )
+            p.check_no_dp()
             return
         if cfg.target_delta != p.delta:
             raise PolicyRefusal(

@@ -43,7 +43,12 @@ import tomli_w
 
 from common.crypto import load_identity
 from common.data.encrypted import write_partition
-from common.provision import CONNECTION_NAME, Federation, write_flwr_config
+from common.provision import (
+    CONNECTION_NAME,
+    Federation,
+    superlink_command,
+    write_flwr_config,
+)
 
 log = logging.getLogger("fedvault.deploy")
 
@@ -164,6 +169,21 @@ def start_process(
     pump.start()
     log.info("started %s (pid %d): %s", name, popen.pid, " ".join(argv))
     return FlowerProcess(name, list(argv), popen, log_file, pump)
+
+
+def start_superlink(
+    fed: Federation, work: Path, *, tuned: bool, timeout: float, tag: str = ""
+) -> FlowerProcess:
+    """The federation's SuperLink (TLS, SuperNode auth) on 127.0.0.1, up and listening; its
+    home is ``work/superlink-home<tag>`` and its log ``work/superlink<tag>.log``. The caller
+    stops it (``stopping``). ``DeployError`` with the log's tail if it does not come up."""
+    cmd = superlink_command(fed.superlink, host="127.0.0.1", port=fed.superlink_port)
+    env = flower_env(work / f"superlink-home{tag}", tuned=tuned)
+    proc = start_process("superlink", cmd, work / f"superlink{tag}.log", env)
+    if not proc.wait_for(r"Uvicorn running on https://", timeout):
+        proc.stop()
+        raise DeployError(f"SuperLink did not start:\n{proc.text()[-3000:]}")
+    return proc
 
 
 def _pump(stream: TextIO, sink: io.TextIOBase) -> None:

@@ -123,15 +123,13 @@ class RunRecord:
         if client.epsilon is not None:
             self.epsilon_by_partition[client.partition_id] = client.epsilon
 
-    def add_ledger_entry(self, entry: LedgerEntry) -> bool:
+    def add_ledger_entry(self, entry: LedgerEntry) -> None:
         """Keep ``entry`` unless this run already holds it (same chain, seq and hash): a
         holder resends its chain once per run, and a replayed reply must not double it."""
         key = (entry.chain_id, entry.seq, entry.hash)
-        if key in self._ledger_seen:
-            return False
-        self._ledger_seen.add(key)
-        self.pending_ledger.append(entry)
-        return True
+        if key not in self._ledger_seen:
+            self._ledger_seen.add(key)
+            self.pending_ledger.append(entry)
 
     def add_failure(
         self, server_round: int, partition: int, reason: str, refused: bool, code: int = 0

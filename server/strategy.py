@@ -32,12 +32,12 @@ from server.sealing import ServerSealer
 log = logging.getLogger("fedvault.server")
 
 QUERY_TIMEOUT_S = 120.0
+NODE_WAIT_POLL_S = 1.0
 
 
 class RunAborted(RuntimeError):
     """A client's failure that every later round would repeat (its data fails authentication
     or validation): the run ends with that reason instead of going on without the client."""
-NODE_WAIT_POLL_S = 1.0
 
 
 class RecordingFedAvg(FedAvg):
@@ -224,11 +224,11 @@ class RecordingFedAvg(FedAvg):
             log.warning("round %d: partition %d: %s", server_round, partition, reason)
             self.record.add_failure(server_round, partition, reason, refused=False)
 
-    def _ledger_entries(self, server_round: int, partition: int, lines: object) -> str | None:
+    def _ledger_entries(self, server_round: int, partition: int, lines: list[str]) -> str | None:
         """Keep the holder's signed ledger entries as sent (the audit judges them); returns
         the chain id of the newest one."""
         chain_id = None
-        for line in lines if isinstance(lines, list) else [lines]:
+        for line in lines:
             try:
                 entry = LedgerEntry.from_json_line(str(line))
             except (ValueError, LedgerError) as err:

@@ -34,7 +34,6 @@ from common.config import ConfigError
 from common.provision import (
     Federation,
     provision_federation,
-    superlink_command,
     supernode_command,
     write_approved_apps,
 )
@@ -145,12 +144,7 @@ def operator(work, federation):
     """SuperLink (TLS, node auth) + the operator's FLWR_HOME with client 0 registered."""
     procs: list[deploy.FlowerProcess] = []
     with deploy.stopping(procs):
-        cmd = superlink_command(
-            federation.superlink, host="127.0.0.1", port=federation.superlink_port
-        )
-        env = deploy.flower_env(work / "superlink-home", tuned=True)
-        procs.append(deploy.start_process("superlink", cmd, work / "superlink.log", env))
-        assert procs[0].wait_for(r"Uvicorn running on https://", TIMEOUT_S), procs[0].text()
+        procs.append(deploy.start_superlink(federation, work, tuned=True, timeout=TIMEOUT_S))
         home = deploy.operator_home(federation, work / "operator-home")
         node_ids = deploy.register_supernodes(federation, home)
         yield home, set(node_ids.values())

@@ -19,7 +19,6 @@ from common import deploy
 from common.provision import (
     Federation,
     provision_federation,
-    superlink_command,
     supernode_command,
     write_flwr_config,
 )
@@ -62,13 +61,8 @@ def superlink(work, federation):
     """The SuperLink, TLS on, SuperNode auth on, on a free port on 127.0.0.1."""
     procs: list[deploy.FlowerProcess] = []
     with deploy.stopping(procs):
-        cmd = superlink_command(
-            federation.superlink, host="127.0.0.1", port=federation.superlink_port
-        )
-        env = deploy.flower_env(work / "superlink-home", tuned=True)
-        procs.append(deploy.start_process("superlink", cmd, work / "superlink.log", env))
-        up = procs[0].wait_for(r"Uvicorn running on https://", CONNECT_TIMEOUT_S)
-        assert up, f"SuperLink did not start:\n{procs[0].text()[-3000:]}"
+        procs.append(deploy.start_superlink(federation, work, tuned=True,
+                                            timeout=CONNECT_TIMEOUT_S))  # fmt: skip
         yield procs[0]
 
 

@@ -83,6 +83,14 @@ class PrivacyPolicy:
         if problems:
             raise PolicyError("bad privacy policy: " + "; ".join(problems))
 
+    def check_no_dp(self) -> None:
+        """Raise :class:`PolicyRefusal` unless this holder allows training without DP."""
+        if self.require_dp:
+            raise PolicyRefusal(
+                "the run asks for training without DP (dp = false), which this holder's "
+                "policy forbids (require-dp = true)"
+            )
+
     # -- files -------------------------------------------------------------------------------
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any], source: str = "policy") -> PrivacyPolicy:
