@@ -22,7 +22,6 @@ any private data is touched; ``commit`` records what the optimizer actually did.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from typing import Any
 from client import persistence
 from common.config import RunConfig
 from common.crypto import Identity
+from common.paths import file_lock
 from common.privacy.accounting import (
     Mechanism,
     PrivacyBudgetExceeded,
@@ -298,15 +298,10 @@ def exclusive(path: Path | None) -> Iterator[None]:
 
     A SuperNode may be asked to train in two runs at once; without the lock both would read
     the same spent ε and the later write would erase the earlier round's spend (the server
-    could double a holder's budget by running two runs in parallel). ``flock`` on a file
-    beside the state serialises them, across processes; it is released if a process dies."""
+    could double a holder's budget by running two runs in parallel). A file lock beside the
+    state serialises them, across processes."""
     if path is None:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(path.with_name(path.name + ".lock")):
+        yield

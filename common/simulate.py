@@ -22,7 +22,6 @@ what it finished is kept and marked cancelled (``CANCELLED`` in the run dir and
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -45,7 +44,7 @@ import tomli_w
 
 from common.config import ConfigError, RunConfig
 from common.logs import find_user_error, one_line
-from common.paths import default_cache_dir
+from common.paths import SERVERAPP_PID_FILE, default_cache_dir, file_lock
 from common.scenarios import PROJECT_ROOT, Scenario
 
 log = logging.getLogger("fedvault.simulate")
@@ -55,7 +54,6 @@ log = logging.getLogger("fedvault.simulate")
 PORT_BASE, PORT_STEP, PORT_SLOTS = 29200, 4, 700
 RUN_ID = re.compile(r"Successfully started run (\d+)")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-PID_FILE = ".serverapp.pid"  # written by server/app.py while the ServerApp runs
 CANCEL_GRACE_S = 8.0  # SIGTERM → SIGKILL for the run's processes
 RUN_ID_WAIT_S = 20.0  # a cancel before `flwr run` named the run waits this long for its id
 PID_WAIT_S = 30.0  # ... and this long for the ServerApp's process to show itself
@@ -624,7 +622,7 @@ def _cancel(
         frozen = _freeze(pid) if pid else []
     _kill(frozen)
     stream.stop(CANCEL_GRACE_S)
-    (run_dir / PID_FILE).unlink(missing_ok=True)
+    (run_dir / SERVERAPP_PID_FILE).unlink(missing_ok=True)
     with contextlib.suppress(OSError), log_file.open("a", encoding="utf-8") as sink:
         sink.write(f"\n[fedvault] {why}: `flwr stop {run_id}` → exit {stopped.returncode}: "
                    f"{' '.join((stopped.stdout + stopped.stderr).split())}\n")  # fmt: skip
@@ -642,7 +640,7 @@ def _cancel(
 def _serverapp_pid(run_dir: Path) -> int | None:
     """The simulation process running this run's ServerApp, from its pid file."""
     try:
-        pid = int((run_dir / PID_FILE).read_text().strip())
+        pid = int((run_dir / SERVERAPP_PID_FILE).read_text().strip())
     except (OSError, ValueError):
         return None
     return pid if _alive(pid) and "flwr-simulation" in " ".join(_cmdline(pid)[:2]) else None
@@ -724,18 +722,6 @@ def mark_cancelled(run_dir: Path, why: str) -> int:
 
 
 # -- simulated holders -----------------------------------------------------------------------
-@contextlib.contextmanager
-def _locked(keys_dir: Path) -> Iterator[None]:
-    """One provisioning at a time per federation (concurrent runs on one kept keys-dir)."""
-    keys_dir.mkdir(parents=True, exist_ok=True)
-    with (keys_dir / ".provision.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def simulated_holders(
     run_config: dict[str, Any], scenario: Scenario, out_dir: Path, num_clients: int
 ) -> Path:
@@ -767,7 +753,8 @@ def simulated_holders(
     agreed = RunConfig.from_mapping(scenario.run_config)
     dataset = RunConfig.from_mapping(run_config).dataset
     try:
-        with _locked(keys_dir):
+        # one provisioning at a time per federation (concurrent runs on one kept keys-dir)
+        with file_lock(keys_dir / ".provision.lock"):
             provision(keys_dir, num_clients)
             for i in range(num_clients):
                 path = client_dir(keys_dir, i) / POLICY_FILE

@@ -29,6 +29,7 @@ from common.data import DataError, load_raw_cached, load_test_set
 from common.logs import configure_logging, user_error_line
 from common.metrics import evaluate_with_metrics
 from common.models import count_parameters, model_for
+from common.paths import SERVERAPP_PID_FILE
 from common.report import write_report
 from server.grid import PollingGrid
 from server.run_record import RunRecord
@@ -38,7 +39,6 @@ from server.strategy import RecordingFedAvg, RunAborted
 log = logging.getLogger("fedvault.server")
 app = ServerApp()
 
-PID_FILE = ".serverapp.pid"
 # Errors whose message tells the user what to fix (ConfigError is a ValueError).
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, DataError, CryptoError, OSError, RunAborted,
@@ -66,7 +66,7 @@ def _write_pid_file(context: Context) -> Path | None:
         out = Path(str(context.run_config.get("output-dir") or "runs")).expanduser().resolve()
         run_dir = out / str(context.run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / PID_FILE
+        path = run_dir / SERVERAPP_PID_FILE
         path.write_text(f"{os.getpid()}\n", encoding="utf-8")
         return path
     except (OSError, ValueError):

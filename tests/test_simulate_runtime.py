@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from common import simulate
+from common.paths import SERVERAPP_PID_FILE
 from common.simulate import (
-    PID_FILE,
     SimulationError,
     _alive,
     _Stream,
@@ -206,8 +206,8 @@ def test_ctrl_c_cancels_a_real_run(flower_home, tmp_path, sig):
             dirs = [p for p in out.glob("[0-9]*") if p.is_dir()] if out.exists() else []
             if dirs:
                 run_dir = dirs[0]
-                if pid is None and (run_dir / PID_FILE).exists():
-                    pid = int((run_dir / PID_FILE).read_text())
+                if pid is None and (run_dir / SERVERAPP_PID_FILE).exists():
+                    pid = int((run_dir / SERVERAPP_PID_FILE).read_text())
                 if pid and _rounds(run_dir) >= 1:
                     break
             time.sleep(0.2)
