@@ -37,7 +37,7 @@ def table(rows: list[tuple[str, str]]) -> None:
 
 def simulate(scenario: str, out: Path, *sets: str, clients: int | None = None) -> dict[str, Any]:
     """Run ``fedvault simulate``; return wall seconds and the run's metrics.json."""
-    args = [sys.executable, "-m", "common.cli", "simulate", scenario, "--output-dir", str(out)]
+    args = [sys.executable, "-m", "common.ops.cli", "simulate", scenario, "--output-dir", str(out)]
     if clients:
         args += ["--num-clients", str(clients)]
     for s in sets:
@@ -118,7 +118,7 @@ def process_kind(cmdline: list[str]) -> str:
         ("flwr-serverapp", "serverapp"),
         ("flwr-simulation", "simulation (Ray driver)"),
         ("flwr-clientapp", "clientapp"),
-        ("common.cli", "fedvault simulate"),
+        ("common.ops.cli", "fedvault simulate"),
     ):
         if marker in text:
             return kind

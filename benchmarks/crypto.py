@@ -11,9 +11,9 @@ from typing import Any
 from flwr.app import ArrayRecord, RecordDict
 
 from benchmarks.common import REPO, save, simulate, table
+from benchmarks.throughput import measure
 from common import envelope
 from common.crypto import open_sealed, seal
-from common.crypto.throughput import measure
 from common.federation_keys import client_dir, load_own, provision, server_dir
 from common.models import build_model
 

@@ -20,7 +20,7 @@ messages to the end of its central evaluation); steady state = rounds 2..R. Repl
 ``timing.train_reply_lag_s`` (the newest train reply's age when aggregation starts), median
 over the steady rounds: what the ServerApp's reply polling adds to a round. Runs of
 ``before`` and ``after`` alternate on the same SuperLink and SuperNodes. The launching is
-what tests/test_deployment.py's fixtures do, on :mod:`common.deploy`'s helpers; every
+what tests/test_deployment.py's fixtures do, on :mod:`common.ops.deploy`'s helpers; every
 process runs in its own process group and is stopped on the way out, also on errors.
 """
 
@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPO, client_train_seconds, free_port, median, save, table
-from common import deploy
 from common.config import RunConfig
-from common.provision import (
+from common.ops import deploy
+from common.ops.provision import (
     Federation,
     provision_federation,
     supernode_command,

@@ -44,7 +44,7 @@ from benchmarks.common import (
     save,
     timestamped_lines,
 )
-from common.simulate import local_superlink_pids
+from common.ops.simulate import local_superlink_pids
 
 SAMPLED = 10
 BATCH_SIZE = 16
@@ -115,7 +115,7 @@ def one_run(scenario: str, n: int, partitioning: str, rounds: int, data_dir: str
     port = free_port(span=3)
     env = dict(os.environ, FEDVAULT_FLWR_HOME=home, FEDVAULT_SUPERLINK_PORT=str(port))
     out = work / f"runs-{partitioning}-{n}"
-    cmd = [sys.executable, "-m", "common.cli", "-v", "simulate", scenario, "--num-clients",
+    cmd = [sys.executable, "-m", "common.ops.cli", "-v", "simulate", scenario, "--num-clients",
            str(n), "--output-dir", str(out)]  # fmt: skip
     for s in overrides(n, partitioning, rounds, data_dir):
         cmd += ["--set", s]

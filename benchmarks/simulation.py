@@ -24,7 +24,7 @@ Definitions (seconds; everything from ``metrics.json`` except the total wall tim
 - parallel actors: how many ClientApps run at once. Flower's Ray backend builds
   ⌊CPUs Ray sees / client-resources-num-cpus⌋ actors per Ray node
   (``flwr.simulation.ray_transport.ray_actor.pool_size_from_resources``);
-  ``common/simulate.py`` sets ``client-resources-num-cpus=1``, and Ray counts the CPUs this
+  ``common/ops/simulate.py`` sets ``client-resources-num-cpus=1``, and Ray counts the CPUs this
   process may use (``ray._private.utils.get_num_cpus``: affinity and cgroup quota). A phase
   never runs more ClientApps at once than it has clients, so actors = min(CPUs, clients).
 - overhead: wall − Σ client train / actors − Σ central eval (round 0
@@ -57,7 +57,7 @@ def ray_cpus() -> int:
 
 
 def split(run: dict[str, Any], clients: int) -> dict[str, Any]:
-    """The wall-time split of one ``benchmarks.common.simulate`` result (see module doc)."""
+    """The wall-time split of one ``benchmarks.common.ops.simulate`` result (see module doc)."""
     m = run["metrics"]
     summary, rounds = m["summary"], m["rounds"]
     wall = run["wall_seconds"]

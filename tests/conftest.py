@@ -40,7 +40,7 @@ def _free_port() -> int:
 def flower_home(tmp_path_factory):
     """A private FLWR_HOME and SuperLink port for this test session; the SuperLink that
     `flwr run` starts there is stopped when the session ends."""
-    from common.simulate import flower_env, stop_local_superlink
+    from common.ops.simulate import flower_env, stop_local_superlink
 
     home = tmp_path_factory.mktemp("flwr-home")
     old = {k: os.environ.get(k) for k in ("FEDVAULT_FLWR_HOME", "FEDVAULT_SUPERLINK_PORT")}

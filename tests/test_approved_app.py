@@ -1,4 +1,4 @@
-"""The code a deployed client runs is the code its holder approved (common.approved_app).
+"""The code a deployed client runs is the code its holder approved (common.ops.approved_app).
 
 Real processes on 127.0.0.1, as in tests/test_deployment.py: a TLS SuperLink with SuperNode
 authentication, and client 0 started by its provisioned ``start-supernode.sh``
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import pytest
 
-from common import deploy
-from common.approved_app import approved_set, fab_hash, read_approved
 from common.config import ConfigError
-from common.provision import (
+from common.ops import deploy
+from common.ops.approved_app import approved_set, fab_hash, read_approved
+from common.ops.provision import (
     Federation,
     provision_federation,
     supernode_command,

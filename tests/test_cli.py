@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main, parse_set
+from common.ops.cli import main, parse_set
 
 
 def fedvault(*args):
-    return subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "common.ops.cli", *args], capture_output=True,
                           text=True, timeout=120)  # fmt: skip
 
 
@@ -69,7 +69,7 @@ def test_missing_run_dir_is_one_line(args):
 
 
 def test_a_run_where_no_client_ever_trained_exits_1(capsys):
-    from common.cli import _nothing_trained
+    from common.ops.cli import _nothing_trained
 
     failure = {"partition_id": 0, "refused_budget": False, "reason": "ValueError: no draw"}
     untrained = {
@@ -96,7 +96,7 @@ def test_help_imports_neither_torch_nor_opacus():
     """`fedvault --help` and the commands' --help build the parser without torch/opacus
     (importing them took ≥ 5 s before every --help)."""
     probe = (
-        "import sys\nfrom common.cli import main\n"
+        "import sys\nfrom common.ops.cli import main\n"
         f"for argv in {HELP_COMMANDS!r}:\n"
         "    try:\n        main([*argv, '--help'])\n    except SystemExit as e:\n"
         "        assert e.code == 0, (argv, e.code)\n"
@@ -122,7 +122,7 @@ def test_help_imports_neither_torch_nor_opacus():
     ],
 )  # fmt: skip
 def test_bad_counts_are_refused_in_one_line(tmp_path, args, message):
-    proc = subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "common.ops.cli", *args], capture_output=True,
                           text=True, timeout=120, cwd=tmp_path)  # fmt: skip
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
@@ -155,7 +155,7 @@ def test_keys_init_into_a_file_or_a_locked_dir_is_one_line(tmp_path):
 
 
 def test_data_prepare_prints_absolute_paths_for_relative_arguments(tmp_path):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "common.cli", *a], cwd=tmp_path,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "common.ops.cli", *a], cwd=tmp_path,  # noqa: E731
                                     capture_output=True, text=True, timeout=120)  # fmt: skip
     assert run("keys", "federation", "--out", "keys", "--clients", "2").returncode == 0
     proc = run("data", "prepare", "--clients", "2", "--keys", "keys", "--out", "enc")
@@ -165,8 +165,8 @@ def test_data_prepare_prints_absolute_paths_for_relative_arguments(tmp_path):
 
 
 def test_relative_paths_in_the_run_config_are_made_absolute(tmp_path, monkeypatch):
-    from common import scenarios
-    from common.simulate import build_run_config
+    from common.ops import scenarios
+    from common.ops.simulate import build_run_config
 
     monkeypatch.chdir(tmp_path)
     merged = build_run_config(

@@ -2,7 +2,7 @@
 with provisioned credentials and encrypted partitions, `flwr run` over TLS. No mocks.
 
 Every process is started in its own process group and stopped by the fixture that started it
-(``common.deploy.stopping``), also when a test fails. Ports are picked free at run time.
+(``common.ops.deploy.stopping``), also when a test fails. Ports are picked free at run time.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from common import deploy
-from common.provision import (
+from common.ops import deploy
+from common.ops.provision import (
     Federation,
     provision_federation,
     supernode_command,

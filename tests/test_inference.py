@@ -16,7 +16,8 @@ from common.config import RunConfig
 from common.data import load_partition, load_raw_cached, load_test_set
 from common.data.features import image_features
 from common.evaluation import evaluate
-from common.inference import (
+from common.models import build_model
+from common.ops.inference import (
     InferenceError,
     Prediction,
     RunDirError,
@@ -26,7 +27,6 @@ from common.inference import (
     prepare_image,
     read_text_inputs,
 )
-from common.models import build_model
 from tests.conftest import shared_data
 
 DIGITS = tuple(str(d) for d in range(10))
@@ -361,7 +361,7 @@ def test_bad_text_files_are_reported_and_the_others_still_classified(tmp_path):
 
 
 def test_fedvault_predict_on_texts_reports_bad_files_and_classifies_the_rest(text_run, capsys):
-    from common.cli import main
+    from common.ops.cli import main
 
     missing = "nonexistent.txt"
     code = main(["predict", str(text_run), missing, "--text", "claim your free prize now"])

@@ -22,13 +22,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from common import deploy
 from common.config import ConfigError
 from common.crypto import load_identity, load_public
 from common.crypto.errors import KeyExistsError
 from common.data import encrypted
 from common.federation_keys import client_publics, load_own, server_dir
-from common.provision import (
+from common.ops import deploy
+from common.ops.provision import (
     flwr_config_toml,
     load_federation,
     provision_federation,
@@ -355,7 +355,7 @@ def test_start_script_passes_the_exact_flags(fed, tmp_path):
 def test_approved_apps_file_in_every_client_bundle(fed, tmp_path):
     """Empty by default (the holder approves); hashes given at provisioning are written and
     read back by the launcher; anything but a SHA-256 is refused."""
-    from common.approved_app import read_approved
+    from common.ops.approved_app import read_approved
 
     for c in fed.clients:
         assert c.approved_apps == c.directory / "approved-apps.txt"

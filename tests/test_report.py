@@ -11,12 +11,12 @@ from html import escape
 
 import pytest
 
+from benchmarks.synthetic import write_synthetic_run
 from common.crypto.keys import init_identity
+from common.ops.audit_cli import EXIT_OK, cmd_report
 from common.report import write_report
-from common.report.cli import EXIT_OK, cmd_report
 from common.report.recompute import Recomputer
 from common.report.rundata import RunDirError
-from common.report.synthetic import write_synthetic_run
 
 CLIENTS, ROUNDS, BUDGET = 3, 6, 5.0
 URL_ATTR = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.I)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from common import scenarios
 from common.config import ConfigError, RunConfig
+from common.ops import scenarios
 
 REQUIRED = {"digits-dp", "mnist-iid-dp", "mnist-dirichlet-dp", "mnist-nodp", "agnews-dp", "sms-dp"}
 
@@ -43,10 +43,10 @@ def test_bad_scenario_file_is_one_line(tmp_path):
 def test_simulated_holders_agree_to_the_scenario_not_to_the_overrides(tmp_path):
     """`--set target-epsilon=1000 --set dp=false` is the operator's request: the simulated
     holders' policies come from the scenario file, so they refuse it like real ones would."""
-    from common import scenarios
     from common.federation_keys import client_dir
+    from common.ops import scenarios
+    from common.ops.simulate import build_run_config, simulated_holders
     from common.privacy.policy import POLICY_FILE, PrivacyPolicy
-    from common.simulate import build_run_config, simulated_holders
 
     scenario = scenarios.load("digits-dp")
     overrides = {"target-epsilon": 1000.0, "dp": False, "encrypt-updates": False}

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from common import simulate
-from common.paths import SERVERAPP_PID_FILE
-from common.simulate import (
+from common.ops import simulate
+from common.ops.simulate import (
     SimulationError,
     _alive,
     _Stream,
@@ -25,12 +24,13 @@ from common.simulate import (
     mark_cancelled,
     process_tree,
 )
+from common.paths import SERVERAPP_PID_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def fedvault(*args, cwd=None, timeout=900):
-    return subprocess.run([sys.executable, "-m", "common.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "common.ops.cli", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=cwd)  # fmt: skip
 
 
@@ -195,7 +195,7 @@ def _rounds(run_dir):
 def test_ctrl_c_cancels_a_real_run(flower_home, tmp_path, sig):
     out = tmp_path / "runs"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "simulate", "--num-clients", "2", "--output-dir",
+        [sys.executable, "-m", "common.ops.cli", "simulate", "--num-clients", "2", "--output-dir",
          str(out), "--set", "num-server-rounds=200", "--set", "min-train-nodes=2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -243,8 +243,9 @@ def test_ctrl_c_cancels_a_real_run(flower_home, tmp_path, sig):
 @pytest.mark.slow
 def test_two_concurrent_runs_into_one_output_dir(flower_home, tmp_path):
     out = tmp_path / "runs"
-    args = [sys.executable, "-m", "common.cli", "simulate", "--num-clients", "2", "--output-dir",
-            str(out), "--set", "num-server-rounds=1", "--set", "min-train-nodes=2"]  # fmt: skip
+    args = [sys.executable, "-m", "common.ops.cli", "simulate", "--num-clients", "2",
+            "--output-dir", str(out), "--set", "num-server-rounds=1",
+            "--set", "min-train-nodes=2"]  # fmt: skip
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]  # fmt: skip
     results = [p.communicate(timeout=600) for p in procs]
@@ -268,7 +269,7 @@ def test_an_error_inside_the_serverapp_is_one_line(flower_home, tmp_path):
     ServerApp fails; the terminal shows its one line, not Flower's traceback."""
     keys = tmp_path / "keys"
     env = {**os.environ, "FEDVAULT_PASSPHRASE": "secret"}
-    subprocess.run([sys.executable, "-m", "common.cli", "keys", "init", "--role", "server",
+    subprocess.run([sys.executable, "-m", "common.ops.cli", "keys", "init", "--role", "server",
                     "--name", "server", "--out", str(keys / "server"), "--passphrase"],
                    env=env, check=True, capture_output=True)  # fmt: skip
     proc = fedvault("simulate", "--num-clients", "2", "--set", "min-train-nodes=2",

@@ -14,8 +14,8 @@ pytestmark = pytest.mark.slow
 
 def fedvault(*args, check=True, cwd=None):
     proc = subprocess.run(
-        [sys.executable, "-m", "common.cli", *args], capture_output=True, text=True, timeout=900,
-        cwd=cwd,
+        [sys.executable, "-m", "common.ops.cli", *args], capture_output=True, text=True,
+        timeout=900, cwd=cwd,
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"fedvault {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -13,7 +13,6 @@ Modules, one job each:
 * :mod:`.plots`       -- inline SVG plots
 * :mod:`.render_html` / :mod:`.render_md` -- the two human-readable renderings
 * :mod:`.build`       -- ``write_report``: all three files
-* :mod:`.cli`         -- ``fedvault report`` / ``fedvault audit`` sub-commands
 """
 
 from common.report.audit import AuditResult, MultiAuditResult, audit_run, audit_runs

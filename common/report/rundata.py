@@ -26,7 +26,7 @@ class RunDirError(FileNotFoundError):
     """Not a run directory, or its metrics.json is unreadable (a user error: exit 2).
 
     The one error for a bad run directory, whoever reads it: the audit, the report, and
-    ``fedvault evaluate`` / ``predict`` (common/inference.py)."""
+    ``fedvault evaluate`` / ``predict`` (common/ops/inference.py)."""
 
 
 @dataclass

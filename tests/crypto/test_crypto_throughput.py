@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.crypto.throughput import measure
+from benchmarks.throughput import measure
 
 
 def test_measure_reports_all_rates() -> None:

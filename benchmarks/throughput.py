@@ -25,7 +25,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .container import (
+from common.crypto.container import (
     DEFAULT_CHUNK_SIZE,
     TAG_SIZE,
     decrypt_bytes,
@@ -33,7 +33,7 @@ from .container import (
     encrypt_bytes,
     encrypt_stream,
 )
-from .keyids import data_key_id
+from common.crypto.keyids import data_key_id
 
 __all__ = ["measure"]
 

@@ -1,4 +1,4 @@
-"""``fedvault report RUN_DIR`` and ``fedvault audit RUN_DIR [RUN_DIR ...]`` for common/cli.py.
+"""``fedvault report RUN_DIR`` and ``fedvault audit RUN_DIR [RUN_DIR ...]`` for common/ops/cli.py.
 
 Exit codes of ``audit``: 0 every claim verified (PASSED: the verdict line says whose keys
 that rests on -- the auditor's, the server's copy in RUN_DIR/keys, or none), 1 the audit

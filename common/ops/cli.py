@@ -44,8 +44,8 @@ def parse_set(pairs: Sequence[str]) -> dict[str, Any]:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from common import scenarios
-    from common.simulate import RunCancelled, run_scenario
+    from common.ops import scenarios
+    from common.ops.simulate import RunCancelled, run_scenario
 
     scenario = scenarios.load(args.scenario)
     try:
@@ -198,7 +198,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from common.inference import evaluate_run
+    from common.ops.inference import evaluate_run
 
     m = evaluate_run(Path(args.run_dir), args.dataset, args.data_dir)
     if args.json:
@@ -220,7 +220,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from common.inference import load_run, predict, read_text_inputs
+    from common.ops.inference import load_run, predict, read_text_inputs
 
     run = load_run(Path(args.run_dir))
     if run.kind == "text":
@@ -244,7 +244,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
-    from common.provision import describe, provision_federation
+    from common.ops.provision import describe, provision_federation
 
     fed = provision_federation(
         Path(args.out), args.superlink_host, args.clients, port=args.port,
@@ -256,7 +256,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
 
 def cmd_superlink(args: argparse.Namespace) -> int:
     """``fedvault superlink status|stop``: this environment's local SuperLink."""
-    from common.simulate import stop_local_superlink, superlink_status
+    from common.ops.simulate import stop_local_superlink, superlink_status
 
     status = superlink_status()
     if args.superlink_command == "status":
@@ -271,7 +271,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         return 0
     stopped = stop_local_superlink()
     if args.all:
-        from common.simulate import _terminate
+        from common.ops.simulate import _terminate
 
         stopped += _terminate([s.pid for s in status["others"]], 10.0)
     print(f"stopped SuperLink pid(s) {', '.join(map(str, stopped))}" if stopped
@@ -280,7 +280,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
 
 
 def cmd_scenarios(_args: argparse.Namespace) -> int:
-    from common import scenarios
+    from common.ops import scenarios
 
     for name in sorted(scenarios.available()):
         print(f"{name:22s} {scenarios.load(name).description}")
@@ -423,11 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     prov.add_argument("--force", action="store_true", help="replace an existing federation")
     prov.set_defaults(func=cmd_provision)
 
-    from common.report.cli import add_commands
+    from common.ops.audit_cli import add_commands
 
     add_commands(sub)  # `fedvault report` and `fedvault audit` (no torch: ~0.3 s to import)
 
-    from common.approved_app import add_commands as add_approved_app_commands
+    from common.ops.approved_app import add_commands as add_approved_app_commands
 
     add_approved_app_commands(sub)  # `fedvault fab-hash` and `fedvault clientapp`
     _verbose_everywhere(parser)
@@ -472,9 +472,9 @@ def _error_text(err: Exception) -> str:
 USER_ERROR_CLASSES = (
     ("common.crypto.errors", "CryptoError"),
     ("common.data.sources", "DataError"),
-    ("common.deploy", "DeployError"),
-    ("common.inference", "InferenceError"),
-    ("common.simulate", "SimulationError"),
+    ("common.ops.deploy", "DeployError"),
+    ("common.ops.inference", "InferenceError"),
+    ("common.ops.simulate", "SimulationError"),
 )
 
 

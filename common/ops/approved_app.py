@@ -381,11 +381,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m common.approved_app {fab-hash,clientapp} ...``: the same two commands
+    """``python -m common.ops.approved_app {fab-hash,clientapp} ...``: the same two commands
     without the rest of the ``fedvault`` CLI."""
     from common.logs import configure_logging
 
-    parser = argparse.ArgumentParser(prog="python -m common.approved_app")
+    parser = argparse.ArgumentParser(prog="python -m common.ops.approved_app")
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     configure_logging(logging.INFO)

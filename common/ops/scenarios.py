@@ -14,7 +14,7 @@ from typing import Any
 from common.config import ConfigError, RunConfig
 
 DEFAULT_SCENARIO = "digits-dp"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def scenario_dirs() -> list[Path]:

@@ -7,7 +7,7 @@ round that would cross the budget is refused and recorded as a refusal in metric
 
 Benchmark (prints nothing; logs the timing)::
 
-    python -m common.report.synthetic --clients 100 --rounds 50 [--distinct] [--accountant prv]
+    python -m benchmarks.synthetic --clients 100 --rounds 50 [--distinct] [--accountant prv]
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@
   resolve paths from their own location so a bundle keeps working after it is copied;
 * per client, ``approved-apps.txt``: the FAB hashes (``fedvault fab-hash``) its holder
   approved. ``start-supernode.sh`` runs the SuperNode with ``--isolation process`` and
-  ``fedvault clientapp`` (:mod:`common.approved_app`), which starts only ClientApps whose
+  ``fedvault clientapp`` (:mod:`common.ops.approved_app`), which starts only ClientApps whose
   FAB hash is in that file -- the holder's list, not the operator's (see docs/deploy.md).
 
 Layout of ``out_dir``::
@@ -62,12 +62,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.approved_app import check_hash
 from common.config import ConfigError
 from common.crypto import init_identity
 from common.crypto.errors import KeyExistsError
 from common.crypto.files import PRIVATE_MODE, PUBLIC_MODE, write_file_atomic
 from common.federation_keys import SERVER, client_dir, server_dir
+from common.ops.approved_app import check_hash
 
 log = logging.getLogger("fedvault.provision")
 

@@ -1,6 +1,6 @@
 """Driving a deployed federation: real ``flower-superlink``/``flower-supernode`` processes.
 
-:mod:`common.provision` makes the credentials; this module runs them. It is what the
+:mod:`common.ops.provision` makes the credentials; this module runs them. It is what the
 deployment tests and the latency measurements in docs/deploy.md use, and what a
 ``fedvault deploy`` command would call:
 
@@ -43,7 +43,7 @@ import tomli_w
 
 from common.crypto import load_identity
 from common.data.encrypted import write_partition
-from common.provision import (
+from common.ops.provision import (
     CONNECTION_NAME,
     Federation,
     superlink_command,
