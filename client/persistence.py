@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from common.crypto import Identity, decrypt_bytes, encrypt_bytes
-from common.crypto.files import write_file_atomic
+from common.files import write_file_atomic
 
 log = logging.getLogger("fedvault.client")
 

@@ -33,7 +33,7 @@ from typing import Any
 from client import persistence
 from common.config import RunConfig
 from common.crypto import Identity
-from common.paths import file_lock
+from common.files import file_lock
 from common.privacy.accounting import (
     Mechanism,
     PrivacyBudgetExceeded,

@@ -6,10 +6,7 @@ paying torch's multi-second import before the run even starts.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 # In a run directory while its ServerApp runs: the ServerApp's process id (server/app.py
@@ -21,15 +18,3 @@ def default_cache_dir() -> Path:
     """``$FEDVAULT_CACHE`` or ``~/.cache/fedvault``."""
     return Path(os.environ.get("FEDVAULT_CACHE", Path.home() / ".cache" / "fedvault"))
 
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created, with its folder): one holder at a
-    time across processes and threads; the kernel releases it if the process dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

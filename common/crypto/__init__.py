@@ -8,7 +8,6 @@ Only primitives from the ``cryptography`` package are used. Modules, one job eac
 * :mod:`.keys`       -- key dirs: ``init_identity``, ``load_identity``, ``load_public``
 * :mod:`.container`  -- FVD1 encrypted data files (chunked streaming AES-256-GCM)
 * :mod:`.sealing`    -- ``seal``/``open_sealed`` (encrypted + signed) and ``sign``/``verify``
-* :mod:`.files`      -- atomic writes with exact permissions
 """
 
 from .container import (

@@ -76,8 +76,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from common.files import PRIVATE_MODE, atomic_writer
+
 from .errors import IntegrityError, MalformedFileError, WrongKeyError
-from .files import PRIVATE_MODE, atomic_writer
 from .keyids import DATA_KEY_BYTES, check_key_id, data_key_id, key_id_from_bytes
 
 __all__ = [

@@ -55,8 +55,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from common.files import PRIVATE_MODE, PUBLIC_MODE, write_file_atomic
+
 from .errors import KeyExistsError, MalformedFileError, WrongKeyError, WrongPassphraseError
-from .files import PRIVATE_MODE, PUBLIC_MODE, write_file_atomic
 from .keyids import DATA_KEY_BYTES, data_key_id, public_key_id
 from .passphrase import KdfParams, MasterKey, derive_master, new_params
 

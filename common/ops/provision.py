@@ -65,8 +65,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from common.config import ConfigError
 from common.crypto import init_identity
 from common.crypto.errors import KeyExistsError
-from common.crypto.files import PRIVATE_MODE, PUBLIC_MODE, write_file_atomic
 from common.federation_keys import SERVER, client_dir, server_dir
+from common.files import PRIVATE_MODE, PUBLIC_MODE, write_file_atomic
 from common.ops.approved_app import check_hash
 
 log = logging.getLogger("fedvault.provision")

@@ -43,9 +43,10 @@ from typing import Any
 import tomli_w
 
 from common.config import ConfigError, RunConfig
+from common.files import file_lock
 from common.logs import find_user_error, one_line
 from common.ops.scenarios import PROJECT_ROOT, Scenario
-from common.paths import SERVERAPP_PID_FILE, default_cache_dir, file_lock
+from common.paths import SERVERAPP_PID_FILE, default_cache_dir
 
 log = logging.getLogger("fedvault.simulate")
 

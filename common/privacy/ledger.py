@@ -323,7 +323,7 @@ def write_ledger(path: str | os.PathLike[str], entries: Iterable[LedgerEntry]) -
 
     Readers see the old ledger or the new one, never half a line.
     """
-    from common.crypto.files import PUBLIC_MODE, write_file_atomic
+    from common.files import PUBLIC_MODE, write_file_atomic
 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

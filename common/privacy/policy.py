@@ -140,7 +140,7 @@ class PrivacyPolicy:
         return out
 
     def save(self, path: str | Path) -> Path:
-        from common.crypto.files import PUBLIC_MODE, write_file_atomic
+        from common.files import PUBLIC_MODE, write_file_atomic
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def write_report(
     metrics.json (``RunDirError`` otherwise); works without a ledger and without DP.
     ``workers``: see :func:`audit_run`.
     """
-    from common.crypto.files import PUBLIC_MODE, write_file_atomic
+    from common.files import PUBLIC_MODE, write_file_atomic
 
     root = Path(run_dir)
     data = load_run(root, need_metrics=True)

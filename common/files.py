@@ -1,4 +1,7 @@
-"""Atomic, permission-aware file writes shared by the key store and the data container.
+"""Files fedvault writes and reads: atomic writes with exact permissions, JSON objects, locks.
+
+The one owner of how a file reaches disk, for everyone: key store, data container, the
+holder's state and policy, the run directory (metrics, ledger, report), the federation bundle.
 
 Why atomic: a crash or a failed authentication half-way through must never leave a truncated key
 or a partially decrypted data set where a later run would pick it up. Everything is written to a
@@ -14,14 +17,24 @@ the mode exactly even under an unusual umask.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import logging
 import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
-__all__ = ["PRIVATE_MODE", "PUBLIC_MODE", "atomic_writer", "write_file_atomic"]
+__all__ = [
+    "PRIVATE_MODE",
+    "PUBLIC_MODE",
+    "atomic_writer",
+    "file_lock",
+    "read_json_object",
+    "write_file_atomic",
+    "write_json_atomic",
+]
 
 log = logging.getLogger(__name__)
 
@@ -79,3 +92,40 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_json_atomic(
+    path: str | os.PathLike[str], data: Any, *, mode: int = PUBLIC_MODE
+) -> Path:
+    """Write ``data`` as indented JSON (one trailing newline) atomically: readers see the old
+    file or the new one, never half of one, also after a crash (fsync'ed)."""
+    write_file_atomic(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"), mode=mode)
+    return Path(path)
+
+
+def read_json_object(
+    path: str | os.PathLike[str], *, what: str, fix: str, error: type[Exception] = ValueError
+) -> dict[str, Any]:
+    """The JSON object in ``path``, or ``error`` with one line naming ``what`` and the file,
+    why it is unusable (unreadable, not UTF-8, not JSON, not an object) and ``fix``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise error(f"{what} '{path}' cannot be read ({reason}): {fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{what} '{path}' is not a JSON object: {fix}")
+    return data
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created, with its folder): one holder at a
+    time across processes and threads; the kernel releases it if the process dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
