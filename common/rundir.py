@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 from common.files import PUBLIC_MODE, read_json_object, write_file_atomic, write_json_atomic
 
@@ -39,7 +41,9 @@ class RunDir:
     LOG = "simulation.log"  # Flower's log of a `fedvault simulate` run
     CANCELLED = "CANCELLED"  # present when the run was cancelled (Ctrl-C, SIGTERM)
     SERVERAPP_PID = ".serverapp.pid"  # while the ServerApp runs: its process id
-    REPORTS = {"html": "report.html", "json": "report.json", "md": "report.md"}
+    REPORTS: ClassVar[Mapping[str, str]] = MappingProxyType(
+        {"html": "report.html", "json": "report.json", "md": "report.md"}
+    )
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
