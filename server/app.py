@@ -1,9 +1,10 @@
 """fedvault ServerApp: FedAvg rounds, central evaluation, and the run directory.
 
-Writes into ``<output-dir>/<run-id>/``: ``metrics.json`` (after every round) and
-``model.pt`` (the final global model's state dict). While it runs, ``.serverapp.pid`` names
-the process it runs in (Flower's simulation process), so ``fedvault simulate`` can end that
-process and everything under it when the user cancels the run.
+Writes into ``<output-dir>/<run-id>/`` (:class:`common.rundir.RunDir` names the files): the
+metrics after every round, the ledger, the final model, the clients' public keys and the
+report. While it runs, the pid file names the process it runs in (Flower's simulation
+process), so ``fedvault simulate`` can end that process and everything under it when the user
+cancels the run.
 
 An error the user can fix (bad config, missing or corrupt data, wrong keys, a client whose
 data is unusable) is logged as ONE line starting ``fedvault error: `` and re-raised, so Flower
@@ -12,7 +13,6 @@ still marks the run failed; ``fedvault simulate`` prints that line, not the trac
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -26,11 +26,12 @@ from common import federation_keys
 from common.config import ConfigError, RunConfig
 from common.crypto import CryptoError
 from common.data import DataError, load_raw_cached, load_test_set
+from common.files import write_json_atomic
 from common.logs import configure_logging, user_error_line
 from common.metrics import evaluate_with_metrics
 from common.models import count_parameters, model_for
-from common.paths import SERVERAPP_PID_FILE
 from common.report import write_report
+from common.rundir import RunDir
 from server.grid import PollingGrid
 from server.run_record import RunRecord
 from server.sealing import ServerSealer
@@ -48,27 +49,25 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     configure_logging()
-    pid_file = _write_pid_file(context)
+    run_dir = _write_pid_file(context)
     try:
         _run(grid, context)
     except USER_ERRORS as err:
         log.error(user_error_line(err))
         raise
     finally:
-        if pid_file is not None:
-            pid_file.unlink(missing_ok=True)
+        if run_dir is not None:
+            run_dir.clear_pid()
 
 
-def _write_pid_file(context: Context) -> Path | None:
-    """``<run-dir>/.serverapp.pid``: this process, for ``fedvault simulate``'s cancellation.
+def _write_pid_file(context: Context) -> RunDir | None:
+    """The run's pid file: this process, for ``fedvault simulate``'s cancellation.
     Best effort: a run config bad enough to break this fails in :func:`_run` with its reason."""
     try:
         out = Path(str(context.run_config.get("output-dir") or "runs")).expanduser().resolve()
-        run_dir = out / str(context.run_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / SERVERAPP_PID_FILE
-        path.write_text(f"{os.getpid()}\n", encoding="utf-8")
-        return path
+        run_dir = RunDir(out / str(context.run_id))
+        run_dir.write_pid(os.getpid())
+        return run_dir
     except (OSError, ValueError):
         return None
 
@@ -78,9 +77,9 @@ def _run(grid: Grid, context: Context) -> None:
     cfg = RunConfig.from_mapping(context.run_config)
     # Flower's grid sleeps 3 s between pulls for replies; every phase would end that late.
     grid = PollingGrid(grid, max_interval=cfg.reply_poll_interval)
-    run_dir = Path(cfg.output_dir).expanduser().resolve() / str(context.run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log.info("run %s: results in %s", context.run_id, run_dir)
+    run_dir = RunDir(Path(cfg.output_dir).expanduser().resolve() / str(context.run_id))
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    log.info("run %s: results in %s", context.run_id, run_dir.path)
 
     raw = load_raw_cached(cfg.dataset, cfg.data_dir, cfg.seed)
     test_set = load_test_set(cfg.dataset, cfg.data_dir, cfg.seed, cfg.text_features)
@@ -145,13 +144,13 @@ def _run(grid: Grid, context: Context) -> None:
         train_config=ConfigRecord({"dp": cfg.dp}),
         evaluate_fn=central_evaluation,
     )
-    torch.save(result.arrays.to_torch_state_dict(), run_dir / "model.pt")
+    torch.save(result.arrays.to_torch_state_dict(), run_dir.model_path)
     record.summary["wall_seconds"] = time.time() - started
     record.write()
     _publish_client_keys(cfg, run_dir)
-    paths = write_report(run_dir)
+    paths = write_report(run_dir.path)
     log.info("privacy report: %s", paths["html"])
-    log.info("run %s finished in %.1fs: %s", context.run_id, time.time() - started, run_dir)
+    log.info("run %s finished in %.1fs: %s", context.run_id, time.time() - started, run_dir.path)
 
 
 def _sealer(cfg: RunConfig, run_id: int, partition_of: dict[int, int]) -> ServerSealer:
@@ -170,14 +169,13 @@ def _sealer(cfg: RunConfig, run_id: int, partition_of: dict[int, int]) -> Server
     return ServerSealer(run_id, identity, clients, lambda node: partition_of.get(node, -1))
 
 
-def _publish_client_keys(cfg: RunConfig, run_dir: Path) -> None:
+def _publish_client_keys(cfg: RunConfig, run_dir: RunDir) -> None:
     """Copy clients' public keys next to the ledger so ``fedvault audit`` can check signatures.
 
     An auditor who does not trust the server passes keys obtained from the clients instead.
     """
     if not cfg.keys_dir:
         return
-    keys_out = run_dir / "keys"
-    keys_out.mkdir(exist_ok=True)
+    run_dir.keys_dir.mkdir(exist_ok=True)
     for pid, public in federation_keys.client_publics(Path(cfg.keys_dir)).items():
-        (keys_out / f"client-{pid}.json").write_text(json.dumps(public.to_dict(), indent=2))
+        write_json_atomic(run_dir.client_key_path(pid), public.to_dict())

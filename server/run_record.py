@@ -1,15 +1,13 @@
-"""The run directory's ``metrics.json``: what every round did, per client, as it happens.
+"""The run directory's metrics: what every round did, per client, as it happens.
 
-Written atomically after every round (temp file + rename), so an interrupted run still
-leaves a readable record of the rounds it completed.
+Written atomically after every round (:meth:`common.rundir.RunDir.write_metrics`), so an
+interrupted run still leaves a readable record of the rounds it completed.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 
 from common import protocol as P
 from common.privacy.ledger import LedgerEntry, append_ledger
+from common.rundir import RunDir
 
 DETAILED_METRICS = (
     "precision_macro",
@@ -92,12 +91,12 @@ class RunRecord:
 
     def __init__(
         self,
-        run_dir: Path,
+        run_dir: str | os.PathLike[str],
         config: dict[str, Any],
         summary: dict[str, Any],
         started_at: float | None = None,
     ) -> None:
-        self.run_dir = run_dir
+        self.run_dir = RunDir(run_dir)
         self.config = config
         self.summary = summary
         self.started_at = started_at
@@ -168,7 +167,7 @@ class RunRecord:
         rec.clients.sort(key=lambda c: c.partition_id)
         if self.pending_ledger:  # appended (and fsynced) once per round, as received
             entries = sorted(self.pending_ledger, key=lambda e: e.partition_id)
-            append_ledger(self.run_dir / "ledger.jsonl", entries)
+            append_ledger(self.run_dir.ledger_path, entries)
             self.pending_ledger = []
         self.write()
         return rec
@@ -201,22 +200,7 @@ class RunRecord:
         )
 
     def write(self) -> Path:
-        return write_json_atomic(self.run_dir / "metrics.json", self.to_json())
-
-
-def write_json_atomic(path: Path, data: Any) -> Path:
-    """Write JSON so readers see the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        return self.run_dir.write_metrics(self.to_json())
 
 
 def _finite(value: Any) -> Any:
