@@ -55,7 +55,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from common.files import PRIVATE_MODE, PUBLIC_MODE, write_file_atomic
+from common.files import PRIVATE_MODE, PUBLIC_MODE, read_json_object, write_file_atomic
 
 from .errors import KeyExistsError, MalformedFileError, WrongKeyError, WrongPassphraseError
 from .keyids import DATA_KEY_BYTES, data_key_id, public_key_id
@@ -317,13 +317,7 @@ def init_identity(
 
 
 def _read_json(path: Path, what: str, fix: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedFileError(f"{what} '{path}' cannot be read ({exc}): {fix}") from None
-    if not isinstance(data, dict):
-        raise MalformedFileError(f"{what} '{path}' is not a JSON object: {fix}")
-    return data
+    return read_json_object(path, what=what, fix=fix, error=MalformedFileError)
 
 
 def _public_path(path_or_dir: str | os.PathLike[str]) -> Path:
