@@ -255,10 +255,10 @@ def dirichlet_check(dataset: str, data_dir: str, n: int, alphas: tuple[float, ..
     ≥ 2 examples, and raises ValueError if no draw does; a client with 0 examples can thus
     never reach training (sample_rate_for would refuse it).
     """
-    from common.data import load_raw_cached
+    from common.data import DataSpec, load_raw_cached
     from common.data.partition import dirichlet_partition
 
-    labels = load_raw_cached(dataset, data_dir, seed).train_y
+    labels = load_raw_cached(DataSpec(dataset, data_dir, seed)).train_y
     result: dict[str, Any] = {}
     for alpha in alphas:
         started = time.perf_counter()

@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.common import SHARED_DATA
 from client.training import DPSettings, train_local
-from common.data import load_partition, load_test_set
+from common.data import DataSpec, load_partition, load_test_set
 from common.evaluation import evaluate
 from common.models import LeNet5
 from common.privacy.accounting import calibrate_noise, epsilon_of, sample_rate_for, steps_per_epoch
@@ -49,8 +49,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")  # Opacus's secure-RNG warning, once per round
     torch.set_num_threads(1)
 
-    parts = [load_partition("mnist", a.data_dir, a.seed, i, a.clients) for i in range(a.clients)]
-    test = load_test_set("mnist", a.data_dir, a.seed)
+    spec = DataSpec("mnist", a.data_dir, a.seed)
+    parts = [load_partition(spec, i, a.clients) for i in range(a.clients)]
+    test = load_test_set(spec)
     n = len(parts[0].train)
     q = sample_rate_for(n, a.batch)
     steps = a.rounds * a.epochs * steps_per_epoch(n, a.batch)

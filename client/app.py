@@ -34,7 +34,7 @@ from client.training import DPSettings, train_local
 from common import protocol as P
 from common.config import RunConfig
 from common.crypto import CryptoError, Identity
-from common.data import DataError, Partition, encrypted, load_partition
+from common.data import DataError, DataSpec, Partition, encrypted, load_partition
 from common.evaluation import evaluate
 from common.federation_keys import load_own
 from common.logs import configure_logging
@@ -207,16 +207,7 @@ def _partition(cfg: RunConfig, context: Context) -> Partition:
         return _encrypted_partition(
             str(encrypted_dir), pid, str(identity.directory), cfg.text_features
         )
-    return load_partition(
-        cfg.dataset,
-        cfg.data_dir,
-        cfg.seed,
-        pid,
-        num,
-        cfg.partitioning,
-        cfg.dirichlet_alpha,
-        cfg.text_features,
-    )
+    return load_partition(DataSpec.from_config(cfg), pid, num)
 
 
 @lru_cache(maxsize=4)

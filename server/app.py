@@ -25,7 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import federation_keys
 from common.config import ConfigError, RunConfig
 from common.crypto import CryptoError
-from common.data import DataError, load_raw_cached, load_test_set
+from common.data import DataError, DataSpec, load_raw_cached, load_test_set
 from common.files import write_json_atomic
 from common.logs import configure_logging, user_error_line
 from common.metrics import evaluate_with_metrics
@@ -81,8 +81,9 @@ def _run(grid: Grid, context: Context) -> None:
     run_dir.path.mkdir(parents=True, exist_ok=True)
     log.info("run %s: results in %s", context.run_id, run_dir.path)
 
-    raw = load_raw_cached(cfg.dataset, cfg.data_dir, cfg.seed)
-    test_set = load_test_set(cfg.dataset, cfg.data_dir, cfg.seed, cfg.text_features)
+    spec = DataSpec.from_config(cfg)
+    raw = load_raw_cached(spec)
+    test_set = load_test_set(spec)
     torch.manual_seed(cfg.seed)  # the initial global model is reproducible (and public)
     model = model_for(cfg, raw.num_classes)
     initial = ArrayRecord(model.state_dict())

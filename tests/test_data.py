@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.data import DataError, load_partition, load_raw_cached, load_test_set
+from common.data import DataError, DataSpec, load_partition, load_raw_cached, load_test_set
 from common.data.features import text_features
 from common.data.sources import load_raw
 from tests.conftest import shared_data
@@ -26,12 +26,12 @@ def test_digits_is_real_offline_28x28():
 
 
 def test_partitions_are_tensors_and_cover_the_training_split():
-    parts = [load_partition("digits", "", 3, i, 3) for i in range(3)]
-    raw = load_raw_cached("digits", "", 3)
+    parts = [load_partition(DataSpec("digits", "", 3), i, 3) for i in range(3)]
+    raw = load_raw_cached(DataSpec("digits", "", 3))
     assert sum(len(p.train) for p in parts) == len(raw.train_y)
     x, y = parts[0].train.tensors
     assert x.dtype == torch.float32 and x.shape[1:] == (1, 28, 28) and y.dtype == torch.long
-    assert len(load_test_set("digits", "", 3)) == len(raw.test_y)
+    assert len(load_test_set(DataSpec("digits", "", 3))) == len(raw.test_y)
 
 
 def _write_idx(folder, prefix, images, labels):

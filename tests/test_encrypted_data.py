@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.crypto import IntegrityError, WrongKeyError
-from common.data import load_partition
+from common.data import DataSpec, load_partition
 from common.data.encrypted import load, partition_file, prepare
 from common.federation_keys import client_dir, provision
 from common.federation_keys import load_own as load_identity
@@ -23,7 +23,7 @@ def prepared(tmp_path_factory):
 def test_encrypted_partition_equals_the_plain_one(prepared):
     keys, out = prepared
     enc = load(out, 1, load_identity(client_dir(keys, 1)), 4096)
-    plain = load_partition("digits", "", 42, 1, 2)
+    plain = load_partition(DataSpec("digits", "", 42), 1, 2)
     for a, b in zip(enc.train.tensors + enc.test.tensors,
                     plain.train.tensors + plain.test.tensors, strict=True):  # fmt: skip
         assert torch.equal(a, b)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from common.config import RunConfig
-from common.data import load_partition, load_raw_cached, load_test_set
+from common.data import DataSpec, load_partition, load_raw_cached, load_test_set
 from common.data.features import image_features
 from common.evaluation import evaluate
 from common.models import build_model
@@ -64,9 +64,9 @@ def digits_run(tmp_path_factory) -> Path:
     """LeNet-5 trained centrally on all of digits' training data, saved as a run would be."""
     torch.manual_seed(0)
     model = build_model("lenet5", 10)
-    train = load_partition("digits", "", 42, 0, 1).train
+    train = load_partition(DataSpec("digits", "", 42), 0, 1).train
     _train(model, *train.tensors, epochs=5)
-    accuracy = evaluate(model, load_test_set("digits", "", 42)).accuracy
+    accuracy = evaluate(model, load_test_set(DataSpec("digits", "", 42))).accuracy
     assert accuracy > 0.9
     return _write_run(
         tmp_path_factory.mktemp("runs") / "digits-run",
@@ -177,7 +177,7 @@ def test_evaluate_run_matches_the_recorded_accuracy(digits_run):
     assert result["accuracy"] == pytest.approx(recorded["test_accuracy"], abs=1e-9)
     assert result["dataset"] == "digits"
     assert result["num_examples"] == 360
-    reference = evaluate(load_run(digits_run).model, load_test_set("digits", "", 42))
+    reference = evaluate(load_run(digits_run).model, load_test_set(DataSpec("digits", "", 42)))
     assert result["loss"] == pytest.approx(reference.loss, rel=1e-9)
     assert result["accuracy"] > 0.9 and result["f1_macro"] > 0.85
     assert 0.9 < result["roc_auc"] <= 1.0
@@ -196,7 +196,7 @@ def test_evaluate_run_refuses_a_dataset_with_other_classes(text_run):
 def test_evaluate_text_run_on_real_sms_spam(text_run):
     root = shared_data("sms_spam", "SMSSpamCollection")
     result = evaluate_run(text_run, data_dir=str(root))
-    raw = load_raw_cached("sms_spam", str(root), 42)
+    raw = load_raw_cached(DataSpec("sms_spam", str(root), 42))
     assert result["num_examples"] == len(raw.test_y)
     assert result["classes"] == ["ham", "spam"]
     assert 0.0 <= result["accuracy"] <= 1.0 and 0.0 <= result["roc_auc"] <= 1.0
@@ -241,7 +241,7 @@ def digit_files(digits_run, tmp_path_factory):
     """Test-split digits the model classifies correctly, as 84×84 PNGs (white on black) and
     inverted RGB JPEGs (black on white): [(png, jpeg, label)], most confident first."""
     model = load_run(digits_run).model
-    raw = load_raw_cached("digits", "", 42)
+    raw = load_raw_cached(DataSpec("digits", "", 42))
     with torch.no_grad():
         probs = torch.softmax(model(image_features(raw.test_x)), dim=1)
     confidence, predicted = probs.max(dim=1)

@@ -12,10 +12,12 @@ from torch.utils.data import TensorDataset
 from .features import featurize
 from .partition import dirichlet_partition, iid_partition, partition
 from .sources import DATASETS, DataError, RawDataset, check_labels, load_raw
+from .spec import DataSpec
 
 __all__ = [
     "DATASETS",
     "DataError",
+    "DataSpec",
     "Partition",
     "RawDataset",
     "dirichlet_partition",
@@ -40,9 +42,14 @@ class Partition:
     num_classes: int
 
 
-@lru_cache(maxsize=2)
-def load_raw_cached(name: str, data_dir: str, seed: int) -> RawDataset:
+def load_raw_cached(spec: DataSpec) -> RawDataset:
     """Load once per process (a simulation actor serves many clients from one copy)."""
+    return _load_raw_cached(spec.dataset, spec.data_dir, spec.seed)
+
+
+@lru_cache(maxsize=2)
+def _load_raw_cached(name: str, data_dir: str, seed: int) -> RawDataset:
+    # keyed on what load_raw reads only: specs differing in features or partitioning share it
     return load_raw(name, data_dir, seed)
 
 
@@ -64,19 +71,18 @@ def to_tensors(
     return TensorDataset(features, torch.as_tensor(labels, dtype=torch.long))
 
 
-def raw_partition(
-    name: str, data_dir: str, seed: int, partition_id: int, num_partitions: int,
-    method: str = "iid", alpha: float = 0.5,
-) -> dict:
+def raw_partition(spec: DataSpec, partition_id: int, num_partitions: int) -> dict:
     """Client ``partition_id``'s raw share (inputs as published, before features).
 
     What ``fedvault data prepare`` encrypts: images as uint8, texts as strings.
-    """  # fmt: skip
-    raw = load_raw_cached(name, data_dir, seed)
-    train_idx = partition(raw.train_y, num_partitions, method, seed, alpha)[partition_id]
-    test_idx = iid_partition(len(raw.test_y), num_partitions, seed)[partition_id]
+    """
+    raw = load_raw_cached(spec)
+    train_idx = partition(
+        raw.train_y, num_partitions, spec.partitioning, spec.seed, spec.dirichlet_alpha
+    )[partition_id]
+    test_idx = iid_partition(len(raw.test_y), num_partitions, spec.seed)[partition_id]
     return {
-        "dataset": name,
+        "dataset": spec.dataset,
         "kind": raw.kind,
         "classes": list(raw.classes),
         "partition_id": partition_id,
@@ -103,24 +109,16 @@ def partition_from_raw(share: dict, num_features: int) -> Partition:
 
 
 @lru_cache(maxsize=8)
-def load_partition(
-    name: str,
-    data_dir: str,
-    seed: int,
-    partition_id: int,
-    num_partitions: int,
-    method: str = "iid",
-    alpha: float = 0.5,
-    num_features: int = 4096,
-) -> Partition:
-    """Client ``partition_id``'s training data (partitioned by ``method``) and test slice."""
+def load_partition(spec: DataSpec, partition_id: int, num_partitions: int) -> Partition:
+    """Client ``partition_id``'s training data (partitioned by ``spec.partitioning``) and
+    test slice."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} not in [0, {num_partitions})")
-    share = raw_partition(name, data_dir, seed, partition_id, num_partitions, method, alpha)
-    return partition_from_raw(share, num_features)
+    share = raw_partition(spec, partition_id, num_partitions)
+    return partition_from_raw(share, spec.text_features)
 
 
-def load_test_set(name: str, data_dir: str, seed: int, num_features: int = 4096) -> TensorDataset:
+def load_test_set(spec: DataSpec) -> TensorDataset:
     """The whole held-out test split, for the server's central evaluation."""
-    raw = load_raw_cached(name, data_dir, seed)
-    return _subset(raw, "test", np.arange(len(raw.test_y)), num_features)
+    raw = load_raw_cached(spec)
+    return _subset(raw, "test", np.arange(len(raw.test_y)), spec.text_features)

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from common.crypto import Identity, decrypt_to_memory, encrypt_bytes, load_identity
-from common.data import Partition, partition_from_raw, raw_partition
+from common.data import DataSpec, Partition, partition_from_raw, raw_partition
 from common.data.sources import DataError
 from common.federation_keys import client_dir
 
@@ -84,9 +84,8 @@ def write_partition(
 ) -> Path:
     """Encrypt one client's share under that client's data key (all a deployed client needs:
     its own key dir, not everyone's)."""
-    share = raw_partition(
-        dataset, data_dir, seed, partition_id, num_partitions, partitioning, alpha
-    )
+    spec = DataSpec(dataset, data_dir, seed, partitioning=partitioning, dirichlet_alpha=alpha)
+    share = raw_partition(spec, partition_id, num_partitions)
     buffer = io.BytesIO()
     torch.save(share, buffer)
     out_dir.mkdir(parents=True, exist_ok=True)

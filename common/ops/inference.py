@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from common.config import ConfigError, RunConfig
-from common.data import load_raw_cached, load_test_set
+from common.data import DataSpec, load_raw_cached, load_test_set
 from common.data.features import image_features, text_features
 from common.logs import one_line
 from common.metrics import EVAL_BATCH_SIZE, evaluate_with_metrics
@@ -140,14 +140,15 @@ def evaluate_run(
     cfg = run.config
     name = dataset if dataset is not None else cfg.dataset
     folder = data_dir if data_dir is not None else cfg.data_dir
-    raw = load_raw_cached(name, folder, cfg.seed)
+    spec = replace(DataSpec.from_config(cfg), dataset=name, data_dir=folder)
+    raw = load_raw_cached(spec)
     if raw.kind != run.kind or tuple(raw.classes) != run.classes:
         raise InferenceError(
             f"dataset {name!r} ({raw.kind}, classes {list(raw.classes)}) does not match run "
             f"{run.run_dir} ({run.kind}, classes {list(run.classes)}): evaluate on a data set "
             f"with the same classes, e.g. {cfg.dataset!r}"
         )
-    test_set = load_test_set(name, folder, cfg.seed, cfg.text_features)
+    test_set = load_test_set(spec)
     result = evaluate_with_metrics(run.model, test_set, run.num_classes, run.classes)
     result["dataset"] = name
     log.info(
