@@ -52,7 +52,7 @@ def _read(out: Path) -> dict[str, object]:
 def recorded_num_clients(out: Path) -> int | None:
     """How many client bundles the manifest in ``out`` says were made (None: unreadable)."""
     try:
-        return int(_read(out).get("num_clients", 0))  # type: ignore[call-overload]
+        return int(_read(out).get("num_clients", 0))
     except (ValueError, TypeError):
         return None
 
@@ -71,8 +71,8 @@ def load_federation(out_dir: Path | str) -> Federation:
     return federation_layout(
         out,
         str(doc["superlink_host"]),
-        int(doc["superlink_port"]),  # type: ignore[call-overload]
-        int(doc["num_clients"]),  # type: ignore[call-overload]
+        int(doc["superlink_port"]),
+        int(doc["num_clients"]),
     )
 
 
