@@ -30,12 +30,10 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from opacus.grad_sample import GradSampleModule
-from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
-    GradSampleModuleFastGradientClipping,
-)
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from common.privacy.opacus_internals import GRAD_SAMPLERS, NORM_SAMPLERS
 
 # The layers whose clipped sums tests/test_clipping.py checks against per-example gradients.
 # Opacus has samplers for more (norms, embeddings, RNNs), but a layer the tests do not cover
@@ -119,12 +117,12 @@ class BookKeepingClipping:
         seen: set[int] = set()
         for (module, activations, _), backprop in zip(records, backprops, strict=True):
             kind = type(module)
-            if kind in GradSampleModuleFastGradientClipping.NORM_SAMPLERS:
-                norm_sampler: Sampler = GradSampleModuleFastGradientClipping.NORM_SAMPLERS[kind]
+            if kind in NORM_SAMPLERS:
+                norm_sampler: Sampler = NORM_SAMPLERS[kind]
                 norms = norm_sampler(module, activations, backprop)
                 materialised.append(None)
             else:
-                grad_sampler: Sampler = GradSampleModule.GRAD_SAMPLERS[kind]
+                grad_sampler: Sampler = GRAD_SAMPLERS[kind]
                 grads = grad_sampler(module, activations, backprop)
                 norms = {p: g.reshape(n, -1).norm(2, dim=1) for p, g in grads.items()}
                 materialised.append(grads)

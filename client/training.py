@@ -17,12 +17,14 @@ from dataclasses import dataclass
 import torch
 from opacus import PrivacyEngine
 from opacus.grad_sample import AbstractGradSampleModule
-from opacus.optimizers import DPOptimizerFastGradientClipping
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from client.clipping import BookKeepingClipping
+from common.privacy.opacus_internals import (
+    DPOptimizerFastGradientClipping,
+    UniformWithReplacementSampler,
+)
 
 log = logging.getLogger(__name__)
 

@@ -108,7 +108,7 @@ def calibrate_noise(
             f"invalid privacy budget ε={target_epsilon}, δ={target_delta}: "
             "set target-epsilon > 0 and 0 < target-delta < 1"
         )
-    from opacus.accountants.utils import get_noise_multiplier
+    from common.privacy.opacus_internals import get_noise_multiplier
 
     try:
         return float(
