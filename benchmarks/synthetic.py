@@ -22,9 +22,9 @@ from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.audit.recompute import Recomputer
 from common.privacy.ledger import LEDGER_FILE, ClientLedger, LedgerEntry, write_ledger
-from common.report.recompute import Recomputer
-from common.report.rundata import METRICS_FILE
+from common.rundir import RunDir
 
 if TYPE_CHECKING:
     from common.crypto.keys import Identity
@@ -164,7 +164,7 @@ def write_synthetic_run(
             "epsilon_by_partition": {str(k): v for k, v in sorted(trained.items())},
         },
     }  # fmt: skip
-    (root / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    (root / RunDir.METRICS).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     if dp and ledger:
         write_ledger(root / LEDGER_FILE, lines)
     return root
@@ -181,8 +181,8 @@ def _sigma(pid: int, sigma: float, distinct: bool) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Build a synthetic ledger and time ``audit_run`` on it."""
+    from common.audit.audit import audit_run
     from common.logs import configure_logging
-    from common.report.audit import audit_run
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=100)

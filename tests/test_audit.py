@@ -10,13 +10,13 @@ import time
 import pytest
 
 from benchmarks.synthetic import write_synthetic_run
+from common.audit.audit import audit_run
+from common.audit.recompute import Recomputer
 from common.crypto.keys import init_identity
 from common.ops.audit_cli import EXIT_AUDIT_FAILED, EXIT_OK, cmd_audit
 from common.privacy.accounting import epsilon_of
 from common.privacy.ledger import LEDGER_FILE, LedgerEntry
-from common.report.audit import audit_run
-from common.report.recompute import Recomputer
-from common.report.rundata import RunDirError
+from common.rundir import RunDirError
 
 CLIENTS, ROUNDS, SIGMA, Q, STEPS, DELTA = 3, 4, 1.0, 0.05, 40, 1e-5
 

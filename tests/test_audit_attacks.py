@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from benchmarks.synthetic import write_synthetic_run
+from common.audit.audit import audit_run, audit_runs
+from common.audit.recompute import Recomputer
 from common.crypto.keys import init_identity
 from common.ops.audit_cli import EXIT_AUDIT_FAILED, EXIT_OK, cmd_audit
 from common.privacy.ledger import GENESIS_HASH, LEDGER_FILE, ClientLedger, LedgerEntry
-from common.report.audit import audit_run, audit_runs
-from common.report.recompute import Recomputer
 
 CLIENTS, ROUNDS = 3, 4
 

@@ -12,11 +12,11 @@ from html import escape
 import pytest
 
 from benchmarks.synthetic import write_synthetic_run
+from common.audit.recompute import Recomputer
 from common.crypto.keys import init_identity
 from common.ops.audit_cli import EXIT_OK, cmd_report
 from common.report import write_report
-from common.report.recompute import Recomputer
-from common.report.rundata import RunDirError
+from common.rundir import RunDirError
 
 CLIENTS, ROUNDS, BUDGET = 3, 6, 5.0
 URL_ATTR = re.compile(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", re.I)

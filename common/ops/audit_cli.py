@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from common.report.audit import DEFAULT_TOLERANCE
+from common.audit.audit import DEFAULT_TOLERANCE
 
 EXIT_OK = 0
 EXIT_AUDIT_FAILED = 1
@@ -61,7 +61,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from common.report.audit import audit_run, audit_runs
+    from common.audit.audit import audit_run, audit_runs
 
     run_dirs = list(getattr(args, "run_dirs", None) or [args.run_dir])
     if len(run_dirs) == 1:

@@ -26,7 +26,7 @@ from common.data.features import image_features, text_features
 from common.logs import one_line
 from common.metrics import EVAL_BATCH_SIZE, evaluate_with_metrics
 from common.models import model_for
-from common.report.rundata import METRICS_FILE, RunDirError, read_metrics
+from common.rundir import RunDir, RunDirError
 
 log = logging.getLogger("fedvault.inference")
 
@@ -88,9 +88,9 @@ class Prediction:
 
 def load_run(run_dir: str | Path) -> LoadedRun:
     """Load a run directory's config, class names and final model (eval mode, on CPU)."""
-    metrics = read_metrics(run_dir)
-    path = Path(run_dir).expanduser()
-    metrics_path, model_path = path / METRICS_FILE, path / "model.pt"
+    run = RunDir.existing(run_dir)
+    metrics = run.read_metrics()
+    path, metrics_path, model_path = run.path, run.metrics_path, run.model_path
     try:
         config = RunConfig.from_mapping(metrics["config"])
         classes = tuple(str(c) for c in metrics["summary"]["classes"])

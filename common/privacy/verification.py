@@ -6,7 +6,7 @@ every run, linked by ``prev_hash`` from the genesis hash, numbered by ``seq`` 1,
 and signatures; :func:`plan_problem` checks that q and steps follow from the signed n, B and
 epochs; :func:`compare_copies` checks several runs' copies of one chain against each other
 (a rolled-back holder, or a server that rewrote history, makes them fork).
-:mod:`common.report.audit` checks what the entries claim (ε, budgets, completeness).
+:mod:`common.audit.audit` checks what the entries claim (ε, budgets, completeness).
 
 Signatures, against a dishonest server (which stores the ledger and can rewrite it, re-hash
 it and re-chain it, but cannot sign as a client): an entry without a valid signature is an

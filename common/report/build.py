@@ -10,11 +10,11 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from common.report.audit import DEFAULT_TOLERANCE, audit_run
+from common.audit.audit import DEFAULT_TOLERANCE, audit_run
+from common.audit.rundata import load_run
 from common.report.content import build_report
 from common.report.render_html import render_html
 from common.report.render_md import render_md
-from common.report.rundata import load_run
 
 log = logging.getLogger("fedvault.report.build")
 

@@ -20,12 +20,12 @@ from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
+from common.audit.audit import AuditResult
+from common.audit.checks import budget_warning, mechanism_warnings
+from common.audit.completeness import refused as _refused
+from common.audit.rundata import RunData
 from common.privacy.findings import Finding
 from common.privacy.ledger import KIND_CLIENT_DP_SGD, LEDGER_FILE, LedgerEntry
-from common.report.audit import AuditResult
-from common.report.checks import budget_warning, mechanism_warnings
-from common.report.completeness import refused as _refused
-from common.report.rundata import RunData
 
 log = logging.getLogger("fedvault.report.content")
 

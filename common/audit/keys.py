@@ -20,7 +20,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-log = logging.getLogger("fedvault.report.keys")
+log = logging.getLogger("fedvault.audit.keys")
 
 _CLIENT_NAME = re.compile(r"client-(\d+)")
 

@@ -33,7 +33,7 @@ run's copy must be a prefix of the longest (a fork = a rolled-back holder or a r
 history), and a run whose copy lacks entries a later copy shows were made in that run dropped
 them.
 
-How ε is recomputed (:mod:`common.report.recompute`): RDP exactly as ``epsilon_of`` does
+How ε is recomputed (:mod:`common.audit.recompute`): RDP exactly as ``epsilon_of`` does
 (bit-identical, cheap once each mechanism's RDP curve is cached). PRV per prefix at Opacus's
 own precision costs ~0.2 s, so each chain first gets rigorous PRV *upper bounds* (the same
 method on one shared grid, with just enough slack to decide); a claim or a budget the bound
@@ -55,6 +55,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from common.audit.checks import mechanism_warnings
+from common.audit.completeness import key_presence, metrics_completeness
+from common.audit.keys import ClientKeys, load_client_keys
+from common.audit.multirun import MultiAuditResult, cross_run_findings
+from common.audit.recompute import BoundRequest, Recomputer, request_key
+from common.audit.rundata import RunData, load_run
 from common.privacy.accounting import ACCOUNTANTS, merge_history
 from common.privacy.findings import Finding, finding
 from common.privacy.ledger import KIND_CLIENT_DP_SGD, LEDGER_FILE, LedgerEntry
@@ -65,16 +71,10 @@ from common.privacy.verification import (
     plan_problem,
     verify_chain,
 )
-from common.report.checks import mechanism_warnings
-from common.report.completeness import key_presence, metrics_completeness
-from common.report.keys import ClientKeys, load_client_keys
-from common.report.multirun import MultiAuditResult, cross_run_findings
-from common.report.recompute import BoundRequest, Recomputer, request_key
-from common.report.rundata import RunData, load_run
 
 # How far a claim may sit below the *other* accountant (RDP is looser than PRV by ~10-20 %).
 CROSS_TOLERANCE = 0.25
-log = logging.getLogger("fedvault.report.audit")
+log = logging.getLogger("fedvault.audit.audit")
 
 DEFAULT_TOLERANCE = 0.01
 _SAME = 1e-9  # relative: values copied between records must agree to float noise

@@ -46,7 +46,7 @@ from scipy.fft import irfft, next_fast_len, rfft
 
 from common.privacy.accounting import ACCOUNTANTS, Mechanism, epsilon_of, merge_history
 
-log = logging.getLogger("fedvault.report.recompute")
+log = logging.getLogger("fedvault.audit.recompute")
 
 History = tuple[Mechanism, ...]
 # (σ, q, δ, step totals of each prefix, slack of each prefix): one prv_bounds call

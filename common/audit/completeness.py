@@ -15,7 +15,7 @@ entry was removed leaves no trace in the ledger at all. Two records can show it:
 
 What neither can show (the server writes metrics.json too): a client dropped from both the
 ledger and metrics.json whose key the auditor does not hold. Its own later chain shows it
-(:mod:`common.report.multirun`), and the holder itself knows its head.
+(:mod:`common.audit.multirun`), and the holder itself knows its head.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from common.audit.keys import ClientKeys
+from common.audit.rundata import RunData
 from common.privacy.findings import Finding, finding
 from common.privacy.ledger import KIND_CLIENT_DP_SGD, LedgerEntry
 from common.privacy.verification import holder_partition
-from common.report.keys import ClientKeys
-from common.report.rundata import RunData
 
 _SAME = 1e-9
 

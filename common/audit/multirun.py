@@ -21,7 +21,7 @@ from common.privacy.findings import Finding, finding
 from common.privacy.verification import compare_copies, holder_partition
 
 if TYPE_CHECKING:
-    from common.report.audit import AuditResult
+    from common.audit.audit import AuditResult
 
 
 @dataclass

@@ -6,27 +6,17 @@ directory missing one of the files still yields everything the other one can say
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.logs import one_line
 from common.privacy.findings import Finding
-from common.privacy.ledger import LEDGER_FILE, LedgerEntry, read_ledger
+from common.privacy.ledger import LedgerEntry, read_ledger
+from common.rundir import RunDir, RunDirError
 
-log = logging.getLogger("fedvault.report.rundata")
-
-METRICS_FILE = "metrics.json"
-
-
-class RunDirError(FileNotFoundError):
-    """Not a run directory, or its metrics.json is unreadable (a user error: exit 2).
-
-    The one error for a bad run directory, whoever reads it: the audit, the report, and
-    ``fedvault evaluate`` / ``predict`` (common/ops/inference.py)."""
+log = logging.getLogger("fedvault.audit.rundata")
 
 
 @dataclass
@@ -72,48 +62,19 @@ class RunData:
 
 def load_run(run_dir: str | os.PathLike[str], *, need_metrics: bool = False) -> RunData:
     """Read ``run_dir``; ``RunDirError`` if it holds neither file (or metrics when needed)."""
-    root = _run_dir(run_dir)
-    metrics_path = root / METRICS_FILE
-    ledger_path = root / LEDGER_FILE
-    if not metrics_path.exists() and (need_metrics or not ledger_path.exists()):
+    run = RunDir.existing(run_dir)
+    root = run.path
+    if not run.has_metrics() and (need_metrics or not run.ledger_path.exists()):
         raise RunDirError(
-            f"'{root}' has no {METRICS_FILE}"
-            + ("" if need_metrics else f" and no {LEDGER_FILE}")
+            f"'{root}' has no {RunDir.METRICS}"
+            + ("" if need_metrics else f" and no {RunDir.LEDGER}")
             + ": pass a run directory written by a fedvault run (runs/<run-id>)"
         )
-    data = RunData(root, read_metrics(root) if metrics_path.exists() else None)
-    if ledger_path.exists():
-        data.entries, data.ledger_problems = read_ledger(ledger_path)
+    data = RunData(root, run.read_metrics() if run.has_metrics() else None)
+    if run.ledger_path.exists():
+        data.entries, data.ledger_problems = read_ledger(run.ledger_path)
         data.ledger_present = True
     return data
-
-
-def read_metrics(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """``run_dir``'s metrics.json as a dict; ``RunDirError`` (one line, naming the path)
-    when the directory or the file is missing or the file is not a JSON object."""
-    metrics_path = _run_dir(run_dir) / METRICS_FILE
-    if not metrics_path.is_file():
-        raise RunDirError(
-            f"{metrics_path} not found: '{metrics_path.parent}' is not a fedvault run "
-            "directory; pass <output-dir>/<run-id> (e.g. runs/<run-id>)"
-        )
-    try:
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunDirError(f"{metrics_path} cannot be read ({one_line(err)}): re-run") from None
-    if not isinstance(metrics, dict):
-        raise RunDirError(f"{metrics_path} is not a JSON object: is it a fedvault metrics.json?")
-    return metrics
-
-
-def _run_dir(run_dir: str | os.PathLike[str]) -> Path:
-    root = Path(run_dir).expanduser()
-    if not root.is_dir():
-        raise RunDirError(
-            f"run directory '{root}' does not exist: pass a folder a run wrote "
-            "(<output-dir>/<run-id>, e.g. runs/<run-id>)"
-        )
-    return root
 
 
 def metrics_clients(data: RunData) -> dict[tuple[int, int], dict[str, Any]]:
