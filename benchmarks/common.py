@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.rundir import RunDir
+
 RESULTS = Path(__file__).resolve().parent / "results.json"
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -47,10 +49,10 @@ def simulate(scenario: str, out: Path, *sets: str, clients: int | None = None) -
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise RuntimeError(f"simulate {scenario} failed:\n{proc.stderr[-3000:]}")
-    run_dir = max((p for p in out.iterdir() if (p / "metrics.json").exists()),
+    run_dir = max((p for p in out.iterdir() if RunDir(p).has_metrics()),
                   key=lambda p: p.stat().st_mtime)  # fmt: skip
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    log_text = (run_dir / "simulation.log").read_text(errors="replace")
+    metrics = RunDir(run_dir).read_metrics()
+    log_text = RunDir(run_dir).log_path.read_text(errors="replace")
     return {"wall_seconds": seconds, "metrics": metrics, "run_dir": str(run_dir),
             "client_train_seconds": client_train_seconds(log_text)}  # fmt: skip
 

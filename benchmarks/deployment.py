@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import statistics
 import subprocess
 import tempfile
@@ -44,6 +43,7 @@ from common.ops.provision import (
     provision_federation,
     supernode_command,
 )
+from common.rundir import RunDir
 
 NUM_NODES = 2
 ROUNDS, QUICK_ROUNDS = 6, 3
@@ -136,7 +136,7 @@ def one_run(home: Path, config: dict[str, Any], log_file: Path, node_logs: list[
         with path.open("rb") as f:
             f.seek(offset)
             trained += client_train_seconds(f.read().decode(errors="replace"))
-    metrics = json.loads((run.run_dir / "metrics.json").read_text())
+    metrics = RunDir(run.run_dir).read_metrics()
     rounds = metrics["rounds"]
     return {
         "run_id": run.run_id,

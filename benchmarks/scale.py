@@ -19,7 +19,6 @@ simulation on this machine), and its SuperLink is stopped after the run.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import subprocess
@@ -45,6 +44,7 @@ from benchmarks.common import (
     timestamped_lines,
 )
 from common.ops.simulate import local_superlink_pids
+from common.rundir import RunDir
 
 SAMPLED = 10
 BATCH_SIZE = 16
@@ -145,9 +145,9 @@ def one_run(scenario: str, n: int, partitioning: str, rounds: int, data_dir: str
     if code != 0:
         tail = "".join(line for _, line in lines[-40:])
         raise RuntimeError(f"simulate {scenario} with {n} clients failed (exit {code}):\n{tail}")
-    run_dir = max((p for p in out.iterdir() if (p / "metrics.json").exists()),
+    run_dir = max((p for p in out.iterdir() if RunDir(p).has_metrics()),
                   key=lambda p: p.stat().st_mtime)  # fmt: skip
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = RunDir(run_dir).read_metrics()
     events = {}
     for name, pattern in EVENTS.items():
         t = _first(lines, re.compile(pattern))

@@ -18,10 +18,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 import socket
 import subprocess
-import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -31,6 +29,7 @@ import pytest
 from common.config import ConfigError
 from common.ops import deploy
 from common.ops.approved_app import approved_set, fab_hash, read_approved
+from common.ops.flower import flwr_executable
 from common.ops.provision import (
     Federation,
     provision_federation,
@@ -79,7 +78,7 @@ def test_fab_hash_is_flowers_fab_hash_and_pins_every_byte(tmp_path):
     h = fab_hash(app)
     out = tmp_path / "out"
     out.mkdir()
-    flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
+    flwr = flwr_executable()
     subprocess.run([flwr, "build", "--app", str(app)], cwd=out, check=True, capture_output=True)
     (built,) = out.glob("*.fab")
     assert hashlib.sha256(built.read_bytes()).hexdigest() == h == fab_hash(built)

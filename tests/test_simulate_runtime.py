@@ -21,10 +21,9 @@ from common.ops.simulate import (
     check_superlink,
     environment_key,
     flower_env,
-    mark_cancelled,
     process_tree,
 )
-from common.paths import SERVERAPP_PID_FILE
+from common.rundir import RunDir
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -176,7 +175,7 @@ def test_superlink_status_and_stop_commands(flower_home):
 
 def test_mark_cancelled_keeps_the_rounds(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"summary": {}, "rounds": [{"round": 1}]}))
-    assert mark_cancelled(tmp_path, "SIGINT") == 1
+    assert RunDir(tmp_path).mark_cancelled("SIGINT") == 1
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["summary"]["cancelled"] is True and metrics["rounds"] == [{"round": 1}]
     assert "SIGINT" in (tmp_path / "CANCELLED").read_text()
@@ -206,8 +205,8 @@ def test_ctrl_c_cancels_a_real_run(flower_home, tmp_path, sig):
             dirs = [p for p in out.glob("[0-9]*") if p.is_dir()] if out.exists() else []
             if dirs:
                 run_dir = dirs[0]
-                if pid is None and (run_dir / SERVERAPP_PID_FILE).exists():
-                    pid = int((run_dir / SERVERAPP_PID_FILE).read_text())
+                if pid is None and (run_dir / RunDir.SERVERAPP_PID).exists():
+                    pid = int((run_dir / RunDir.SERVERAPP_PID).read_text())
                 if pid and _rounds(run_dir) >= 1:
                     break
             time.sleep(0.2)

@@ -47,12 +47,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from common.config import ConfigError
+from common.ops.flower import TASK_POLL_ENV  # SuperExec's task polling; honoured here too
 
 log = logging.getLogger("fedvault.approved_app")
 
 HASH = re.compile(r"[0-9a-f]{64}")
-#: SuperExec's task polling interval variable (Flower's default: 1 s); honoured here too.
-TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
 FIX = "audit the app's source, run `fedvault fab-hash <app dir>` on it and approve that hash"
 
 

@@ -46,6 +46,7 @@ def parse_set(pairs: Sequence[str]) -> dict[str, Any]:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from common.ops import scenarios
     from common.ops.simulate import RunCancelled, run_scenario
+    from common.rundir import RunDir
 
     scenario = scenarios.load(args.scenario)
     try:
@@ -59,7 +60,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     except RunCancelled as cancelled:
         print(f"fedvault: {cancelled}", file=sys.stderr)
         return 130
-    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    metrics = RunDir(result.run_dir).read_metrics()
     final = metrics["final"]
     eps = final["max_epsilon"]
     print(
@@ -67,7 +68,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"final test accuracy {final['test_accuracy']:.4f}, max ε "
         f"{'n/a (no DP)' if eps is None else f'{eps:.3f}'}"
     )
-    print(f"results: {result.run_dir} (metrics.json, model.pt, simulation.log)")
+    print(f"results: {result.run_dir} ({RunDir.METRICS}, {RunDir.MODEL}, {RunDir.LOG})")
     print(f"holders: {result.holders} (--set keys-dir={result.holders} keeps them, and what "
           "they spent, for the next run)")  # fmt: skip
     return _nothing_trained(metrics)

@@ -28,10 +28,8 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,20 +41,19 @@ import tomli_w
 
 from common.crypto import load_identity
 from common.data.encrypted import write_partition
+from common.ops import flower
+from common.ops.flower import ANSI, RUN_ID, TASK_POLL_ENV
 from common.ops.provision import (
     CONNECTION_NAME,
     Federation,
     superlink_command,
     write_flwr_config,
 )
+from common.rundir import RunDir
 
 log = logging.getLogger("fedvault.deploy")
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-RUN_ID = re.compile(r"Successfully started run (\d+)")
-#: SuperExec polls its Runtime API for new tasks this often (Flower default: 1 s).
-TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
-TUNED_TASK_POLL_S = 0.1
+TUNED_TASK_POLL_S = 0.1  # SuperExec's task polling (TASK_POLL_ENV) when ``tuned``
 
 
 class DeployError(RuntimeError):
@@ -64,26 +61,17 @@ class DeployError(RuntimeError):
 
 
 def flower_env(flwr_home: Path | str, *, tuned: bool = False) -> dict[str, str]:
-    """Environment for a Flower process of this deployment.
+    """Environment for a Flower process of this deployment (:func:`common.ops.flower.flower_env`).
 
-    ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``: offline, a SuperLink would
-    otherwise ``uv sync`` the app and fail. ``PYTHONUNBUFFERED``: log lines reach the log
-    file when they happen (the refusal checks wait for them). ``tuned`` lowers SuperExec's
-    task polling from 1 s to 0.1 s -- the one polling interval Flower 1.41 exposes.
+    ``PYTHONUNBUFFERED``: log lines reach the log file when they happen (the refusal checks
+    wait for them). ``tuned`` lowers SuperExec's task polling from 1 s to 0.1 s -- the one
+    polling interval Flower 1.41 exposes.
     """
-    env = dict(os.environ)
-    env |= {
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = flower.flower_env(flwr_home, {"PYTHONUNBUFFERED": "1"})
     if tuned:
         env[TASK_POLL_ENV] = str(TUNED_TASK_POLL_S)
     else:
         env.pop(TASK_POLL_ENV, None)
-    # Flower starts flower-superexec / flwr-clientapp by name: this venv's scripts first.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
@@ -202,9 +190,8 @@ def flwr_cli(
     args: Sequence[str], flwr_home: Path, *, timeout: float = 60.0, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run ``flwr ARGS`` against the connection in ``flwr_home/config.toml``."""
-    flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
     return subprocess.run(
-        [flwr, *args],
+        [flower.flwr_executable(), *args],
         env=flower_env(flwr_home),
         cwd=cwd,
         capture_output=True,
@@ -326,7 +313,7 @@ def start_run(
     config_file = log_file.with_suffix(".run-config.toml")
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_bytes(tomli_w.dumps(dict(run_config)).encode())
-    flwr = shutil.which("flwr") or str(Path(sys.executable).parent / "flwr")
+    flwr = flower.flwr_executable()
     cmd = [flwr, "run", str(app_dir), CONNECTION_NAME, "--stream", "--run-config", str(config_file)]
     return start_process("flwr run", cmd, log_file, flower_env(flwr_home), cwd=app_dir)
 
@@ -345,8 +332,10 @@ def wait_run(proc: FlowerProcess, output_dir: Path, *, timeout: float = 600.0) -
     if code != 0 or m is None:
         raise DeployError(f"`flwr run` failed (exit {code}): see {proc.log}")
     run_dir = output_dir / m.group(1)
-    if not (run_dir / "model.pt").exists():
-        raise DeployError(f"run {m.group(1)} did not finish (no model.pt in {run_dir}): {proc.log}")
+    if not RunDir(run_dir).model_path.exists():
+        raise DeployError(
+            f"run {m.group(1)} did not finish (no {RunDir.MODEL} in {run_dir}): {proc.log}"
+        )
     return DeployedRun(m.group(1), run_dir, proc.log, time.time() - proc.started)
 
 
@@ -369,8 +358,7 @@ def run_app(
 def round_durations(run_dir: Path) -> list[float]:
     """Each round's wall time as the ServerApp measured it (``duration_s`` in metrics.json:
     from sending the round's messages to the end of its central evaluation)."""
-    metrics = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))
-    return [float(r["duration_s"]) for r in metrics["rounds"]]
+    return [float(r["duration_s"]) for r in RunDir(run_dir).read_metrics()["rounds"]]
 
 
 @contextlib.contextmanager

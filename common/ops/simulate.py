@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import queue
-import re
 import secrets
 import signal
 import subprocess
@@ -43,18 +41,19 @@ from typing import Any
 import tomli_w
 
 from common.config import ConfigError, RunConfig
-from common.files import file_lock
+from common.files import file_lock, read_json_object
 from common.logs import find_user_error, one_line
+from common.ops import flower
+from common.ops.flower import ANSI, RUN_ID, FlowerMissingError
 from common.ops.scenarios import PROJECT_ROOT, Scenario
-from common.paths import SERVERAPP_PID_FILE, default_cache_dir
+from common.paths import default_cache_dir
+from common.rundir import RunDir
 
 log = logging.getLogger("fedvault.simulate")
 
 # Ports of this environment's SuperLink: BASE + STEP·(hash of sys.prefix mod SLOTS), below
 # Linux's ephemeral range (32768-60999), so no outgoing connection takes it.
 PORT_BASE, PORT_STEP, PORT_SLOTS = 29200, 4, 700
-RUN_ID = re.compile(r"Successfully started run (\d+)")
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
 CANCEL_GRACE_S = 8.0  # SIGTERM → SIGKILL for the run's processes
 RUN_ID_WAIT_S = 20.0  # a cancel before `flwr run` named the run waits this long for its id
 PID_WAIT_S = 30.0  # ... and this long for the ServerApp's process to show itself
@@ -109,33 +108,13 @@ def superlink_port() -> int:
 
 def flower_env() -> dict[str, str]:
     """Environment for ``flwr``: this environment's SuperLink home/port, no runtime installs."""
-    env = dict(os.environ)
-    home = Path(env.get("FEDVAULT_FLWR_HOME") or flower_home_root() / environment_key())
+    home = os.environ.get("FEDVAULT_FLWR_HOME") or flower_home_root() / environment_key()
     port = superlink_port()
-    env |= {
-        "FLWR_HOME": str(home),
+    return flower.flower_env(home, {
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
         "FLWR_LOCAL_CONTROL_API_PORT": str(port + 2),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
         "RAY_DEDUP_LOGS": "0",
-    }
-    # `flwr` starts `flower-superlink` by name: this environment's scripts must come first,
-    # also when fedvault was started by absolute path without activating the venv.
-    env["PATH"] = os.pathsep.join([str(_bin_dir()), env.get("PATH", "")])
-    return env
-
-
-def _bin_dir() -> Path:
-    return Path(sys.executable).parent
-
-
-def _flwr_executable() -> str:
-    """This environment's ``flwr`` (never another one found first on PATH)."""
-    own = _bin_dir() / "flwr"
-    if own.exists():
-        return str(own)
-    raise SimulationError(f"the `flwr` command is missing in {_bin_dir()}: pip install -e .")
+    })  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -147,7 +126,7 @@ class SuperLinkProcess:
 
     @property
     def ours(self) -> bool:
-        return self.bin_dir is not None and _same(self.bin_dir, _bin_dir())
+        return self.bin_dir is not None and _same(self.bin_dir, flower.bin_dir())
 
 
 def _same(a: Path, b: Path) -> bool:
@@ -358,14 +337,16 @@ def _check_encrypted_data(cfg: RunConfig, num_clients: int, data_error: type) ->
     from common.federation_keys import client_dir
 
     folder = Path(cfg.encrypted_data_dir)
+    fix = "run `fedvault data prepare` into it, or fix --set encrypted-data-dir"
+    manifest = read_json_object(
+        folder / MANIFEST, what=f"encrypted-data-dir {folder}'s manifest", fix=fix, error=data_error
+    )
     try:
-        manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         key_ids = dict(manifest["data_key_ids"])
         dataset, num = manifest["dataset"], int(manifest["num_partitions"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError) as err:
         raise data_error(
-            f"encrypted-data-dir {folder} has no readable {MANIFEST} ({one_line(err)}): run "
-            "`fedvault data prepare` into it, or fix --set encrypted-data-dir"
+            f"encrypted-data-dir {folder} has no readable {MANIFEST} ({one_line(err)}): {fix}"
         ) from None
     if dataset != cfg.dataset:
         raise ConfigError(
@@ -409,7 +390,10 @@ def run_scenario(
 ) -> SimulationResult:
     """Run ``scenario`` to completion; raise :class:`SimulationError` if it left no results,
     :class:`RunCancelled` on SIGINT/SIGTERM."""
-    flwr = _flwr_executable()
+    try:
+        flwr = flower.flwr_executable()
+    except FlowerMissingError as err:
+        raise SimulationError(str(err)) from None
     run_config = build_run_config(scenario, overrides or {}, output_dir)
     supernodes = scenario.num_supernodes if num_clients is None else num_clients
     if supernodes < 1:
@@ -460,10 +444,10 @@ def run_scenario(
     if code != 0 or run_id is None:
         raise SimulationError(f"`flwr run` failed (exit {code}){stream.failure()}: see {log_file}")
     run_dir = out_dir / run_id
-    if not (run_dir / "model.pt").exists():
+    if not RunDir(run_dir).model_path.exists():
         final_log = _keep_log(log_file, out_dir, run_id)
         raise SimulationError(
-            f"run {run_id} did not finish (no model.pt in {run_dir}){stream.failure()}: "
+            f"run {run_id} did not finish (no {RunDir.MODEL} in {run_dir}){stream.failure()}: "
             f"see {final_log}"
         )
     final_log = _keep_log(log_file, out_dir, run_id)
@@ -474,9 +458,9 @@ def _keep_log(log_file: Path, out_dir: Path, run_id: str | None) -> Path:
     """Move the run's log to ``<run-dir>/simulation.log`` when the run has a directory."""
     if run_id is None or not log_file.exists():
         return log_file
-    run_dir = out_dir / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / "simulation.log"
+    run_dir = RunDir(out_dir / run_id)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    final = run_dir.log_path
     log_file.replace(final)
     return final
 
@@ -623,15 +607,15 @@ def _cancel(
         frozen = _freeze(pid) if pid else []
     _kill(frozen)
     stream.stop(CANCEL_GRACE_S)
-    (run_dir / SERVERAPP_PID_FILE).unlink(missing_ok=True)
+    RunDir(run_dir).clear_pid()
     with contextlib.suppress(OSError), log_file.open("a", encoding="utf-8") as sink:
         sink.write(f"\n[fedvault] {why}: `flwr stop {run_id}` → exit {stopped.returncode}: "
                    f"{' '.join((stopped.stdout + stopped.stderr).split())}\n")  # fmt: skip
-    done = mark_cancelled(run_dir, why)
+    done = RunDir(run_dir).mark_cancelled(why)
     final_log = _keep_log(log_file, out_dir, run_id)
     return RunCancelled(
         f"run {run_id} cancelled ({why}) after {done} completed round(s); what it finished is "
-        f"in {run_dir} (metrics.json, simulation.log; marked cancelled)"
+        f"in {run_dir} ({RunDir.METRICS}, {RunDir.LOG}; marked cancelled)"
         if done
         else f"run {run_id} cancelled ({why}) before its first round ended; log: {final_log}",
         run_dir,
@@ -640,9 +624,8 @@ def _cancel(
 
 def _serverapp_pid(run_dir: Path) -> int | None:
     """The simulation process running this run's ServerApp, from its pid file."""
-    try:
-        pid = int((run_dir / SERVERAPP_PID_FILE).read_text().strip())
-    except (OSError, ValueError):
+    pid = RunDir(run_dir).read_pid()
+    if pid is None:
         return None
     return pid if _alive(pid) and "flwr-simulation" in " ".join(_cmdline(pid)[:2]) else None
 
@@ -693,33 +676,6 @@ def _kill(pids: list[int]) -> None:
     deadline = time.monotonic() + CANCEL_GRACE_S
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.1)
-
-
-def mark_cancelled(run_dir: Path, why: str) -> int:
-    """Write ``CANCELLED`` and set ``summary.cancelled`` in metrics.json (when the run got that
-    far); returns the number of completed rounds kept."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run_dir / "metrics.json"
-    rounds = 0
-    try:
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        metrics = None
-    if isinstance(metrics, dict):
-        rounds = len(metrics.get("rounds", []))
-        summary = metrics.setdefault("summary", {})
-        summary |= {"cancelled": True, "cancelled_by": why, "cancelled_after_rounds": rounds}
-        fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".metrics.json.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(metrics, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, metrics_path)
-    (run_dir / "CANCELLED").write_text(
-        f"cancelled by {why} at {time.strftime('%Y-%m-%d %H:%M:%S')} after {rounds} completed "
-        "round(s)\n",
-        encoding="utf-8",
-    )
-    return rounds
 
 
 # -- simulated holders -----------------------------------------------------------------------
