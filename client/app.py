@@ -173,6 +173,11 @@ def evaluate_global(msg: Message, context: Context) -> Message:
         data = _partition(cfg, context)
     except UNUSABLE_DATA as err:
         return _refuse(msg, pid, server_round, P.DATA_UNUSABLE, err)
+    if len(data.test) == 0:
+        return _refuse(msg, pid, server_round, P.DATA_UNUSABLE, DataError(
+            "this holder keeps no test records (its own data all trains): the server "
+            "evaluates on its test-data; set fraction-evaluate = 0"
+        ))  # fmt: skip
     result = evaluate(_model(cfg, data, msg), data.test)
     metrics = MetricRecord(
         {
@@ -199,6 +204,18 @@ def _refuse(
 
 
 def _partition(cfg: RunConfig, context: Context) -> Partition:
+    data = _load_partition(cfg, context)
+    declared = cfg.declared_classes
+    if declared and data.classes != declared:
+        raise DataError(
+            f"this holder's data was prepared for classes {list(data.classes)}, the run "
+            f"declares {list(declared)}: re-run `fedvault data prepare --classes` with the "
+            "federation's list, or ask the operator which list is right"
+        )
+    return data
+
+
+def _load_partition(cfg: RunConfig, context: Context) -> Partition:
     pid, num = holder.partition_ids(context)
     # node config wins: in deployment each client keeps its data at its own path
     encrypted_dir = context.node_config.get("encrypted-data-dir") or cfg.encrypted_data_dir

@@ -17,6 +17,8 @@ from typing import Any
 # How DP-SGD gets Σᵢ clip(gᵢ): "bookkeeping" is one backward pass (client/clipping.py),
 # "ghost" and "hooks" are Opacus's two-pass ghost clipping and materialised per-sample grads.
 GRAD_SAMPLE_MODES = ("bookkeeping", "ghost", "hooks")
+# Data sets a holder brings itself (common/data/own.py), by name -> the kind of input they hold.
+OWN_DATA_SOURCES = {"image-folder": "image", "text-file": "text"}
 
 
 class ConfigError(ValueError):
@@ -58,6 +60,8 @@ class RunConfig:
     encrypt_updates: bool = False
     keys_dir: str = ""
     encrypted_data_dir: str = ""
+    classes: str = ""
+    test_data: str = ""
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
@@ -78,6 +82,25 @@ class RunConfig:
     def to_mapping(self) -> dict[str, Any]:
         """Kebab-case mapping, as it appears in pyproject.toml and metrics.json."""
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def declared_classes(self) -> tuple[str, ...]:
+        """The operator's class list (``classes``, comma-separated, in the model's output
+        order); empty for the built-in data sets, which bring their own."""
+        if not self.classes:
+            return ()
+        names = tuple(name.strip() for name in self.classes.split(","))
+        if len(names) < 2 or not all(names):
+            raise ConfigError(
+                f"bad run config: classes {self.classes!r} must list at least two "
+                "comma-separated, non-empty class names"
+            )
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ConfigError(
+                f"bad run config: classes {self.classes!r} names {twice} more than once"
+            )
+        return names
 
     def validate(self) -> None:
         checks = [
@@ -122,6 +145,28 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"bad run config: {message}")
+        self._validate_data_source()
+
+    def _validate_data_source(self) -> None:
+        """A holder-owned source needs the operator's class list and the server's held-out
+        set; a built-in data set brings both, and a second class list would be a second owner."""
+        own = self.dataset in OWN_DATA_SOURCES
+        if own and not self.classes:
+            raise ConfigError(
+                f"bad run config: dataset {self.dataset} needs classes: declare the "
+                'federation\'s class list, e.g. classes = "cat,dog"'
+            )
+        if own and not self.test_data:
+            raise ConfigError(
+                f"bad run config: dataset {self.dataset} needs test-data: the server's own "
+                "held-out folder or file, of the same kind as the holders'"
+            )
+        if not own and (self.classes or self.test_data):
+            raise ConfigError(
+                f"bad run config: classes and test-data are for {list(OWN_DATA_SOURCES)}; "
+                f"dataset {self.dataset} brings its own classes and test split"
+            )
+        self.declared_classes  # noqa: B018 -- parses, raising on a bad list
 
 
 def kebab_fields(

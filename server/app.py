@@ -23,7 +23,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from common import federation_keys
-from common.config import ConfigError, RunConfig
+from common.config import OWN_DATA_SOURCES, ConfigError, RunConfig
 from common.crypto import CryptoError
 from common.data import DataError, DataSpec, load_raw_cached, load_test_set
 from common.files import write_json_atomic
@@ -94,7 +94,8 @@ def _run(grid: Grid, context: Context) -> None:
             "run_id": context.run_id,
             "dataset": cfg.dataset,
             "classes": list(raw.classes),
-            "train_examples": len(raw.train_y),
+            # a holder-owned source's training data never reaches the server
+            "train_examples": None if cfg.dataset in OWN_DATA_SOURCES else len(raw.train_y),
             "test_examples": len(raw.test_y),
             "model": cfg.model,
             "trainable_parameters": count_parameters(model),

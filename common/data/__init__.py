@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from common.config import OWN_DATA_SOURCES
+
 from .features import featurize
+from .own import holder_path, read_source
 from .partition import dirichlet_partition, iid_partition, partition
 from .sources import DATASETS, DataError, RawDataset, check_labels, load_raw
 from .spec import DataSpec
@@ -21,6 +25,7 @@ __all__ = [
     "Partition",
     "RawDataset",
     "dirichlet_partition",
+    "holder_share",
     "iid_partition",
     "load_partition",
     "load_raw_cached",
@@ -39,12 +44,33 @@ class Partition:
     partition_id: int
     train: TensorDataset
     test: TensorDataset
-    num_classes: int
+    classes: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
 
 
 def load_raw_cached(spec: DataSpec) -> RawDataset:
-    """Load once per process (a simulation actor serves many clients from one copy)."""
+    """Load once per process (a simulation actor serves many clients from one copy).
+
+    A holder-owned source (``image-folder``, ``text-file``) has no training split here: the
+    training data stays with the holders, and this is the server's held-out ``test-data``.
+    """
+    if spec.dataset in OWN_DATA_SOURCES:
+        return _load_held_out(spec.dataset, spec.test_data, spec.classes)
     return _load_raw_cached(spec.dataset, spec.data_dir, spec.seed)
+
+
+@lru_cache(maxsize=2)
+def _load_held_out(source: str, test_data: str, classes: tuple[str, ...]) -> RawDataset:
+    if not test_data:
+        raise DataError(
+            f"dataset {source} needs test-data: set it to the server's held-out folder or file"
+        )
+    inputs, labels = read_source(source, Path(test_data).expanduser(), classes)
+    return RawDataset(source, OWN_DATA_SOURCES[source], classes,
+                      inputs[:0], labels[:0], inputs, labels)  # fmt: skip
 
 
 @lru_cache(maxsize=2)
@@ -74,23 +100,60 @@ def to_tensors(
 def raw_partition(spec: DataSpec, partition_id: int, num_partitions: int) -> dict:
     """Client ``partition_id``'s raw share (inputs as published, before features).
 
-    What ``fedvault data prepare`` encrypts: images as uint8, texts as strings.
+    What ``fedvault data prepare`` encrypts: images as uint8, texts as strings. A
+    holder-owned source is read from ``<data-dir>/client-<i>`` (simulation's layout).
     """
+    if spec.dataset in OWN_DATA_SOURCES:
+        path = holder_path(Path(spec.data_dir).expanduser(), partition_id, spec.dataset)
+        return holder_share(spec.dataset, path, spec.classes, partition_id, num_partitions)
     raw = load_raw_cached(spec)
     train_idx = partition(
         raw.train_y, num_partitions, spec.partitioning, spec.seed, spec.dirichlet_alpha
     )[partition_id]
     test_idx = iid_partition(len(raw.test_y), num_partitions, spec.seed)[partition_id]
+    return _share(
+        spec.dataset, raw.kind, raw.classes, partition_id, num_partitions,
+        _pick(raw.train_x, train_idx), raw.train_y[train_idx],
+        _pick(raw.test_x, test_idx), raw.test_y[test_idx],
+    )  # fmt: skip
+
+
+def holder_share(
+    source: str,
+    path: Path,
+    classes: tuple[str, ...],
+    partition_id: int,
+    num_partitions: int,
+    **columns: str,
+) -> dict:
+    """A holder's own folder or file as its share: every record trains; the holder keeps no
+    test slice (the server evaluates on its own held-out set)."""
+    inputs, labels = read_source(source, path, classes, **columns)
+    return _share(source, OWN_DATA_SOURCES[source], classes, partition_id, num_partitions,
+                  inputs, labels, inputs[:0], labels[:0])  # fmt: skip
+
+
+def _share(
+    dataset: str,
+    kind: str,
+    classes: tuple[str, ...],
+    partition_id: int,
+    num_partitions: int,
+    train_x: torch.Tensor | list[str],
+    train_y: np.ndarray,
+    test_x: torch.Tensor | list[str],
+    test_y: np.ndarray,
+) -> dict:
     return {
-        "dataset": spec.dataset,
-        "kind": raw.kind,
-        "classes": list(raw.classes),
+        "dataset": dataset,
+        "kind": kind,
+        "classes": list(classes),
         "partition_id": partition_id,
         "num_partitions": num_partitions,
-        "train_x": _pick(raw.train_x, train_idx),
-        "train_y": torch.as_tensor(raw.train_y[train_idx]),
-        "test_x": _pick(raw.test_x, test_idx),
-        "test_y": torch.as_tensor(raw.test_y[test_idx]),
+        "train_x": train_x,
+        "train_y": torch.as_tensor(train_y),
+        "test_x": test_x,
+        "test_y": torch.as_tensor(test_y),
     }
 
 
@@ -104,7 +167,7 @@ def partition_from_raw(share: dict, num_features: int) -> Partition:
         int(share["partition_id"]),
         to_tensors(kind, share["train_x"], np.asarray(share["train_y"]), num_features),
         to_tensors(kind, share["test_x"], np.asarray(share["test_y"]), num_features),
-        len(share["classes"]),
+        tuple(str(c) for c in share["classes"]),
     )
 
 

@@ -14,7 +14,6 @@ Layout of an encrypted data dir::
 from __future__ import annotations
 
 import io
-import json
 import logging
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from common.crypto import Identity, decrypt_to_memory, encrypt_bytes, load_ident
 from common.data import DataSpec, Partition, partition_from_raw, raw_partition
 from common.data.sources import DataError
 from common.federation_keys import client_dir
+from common.files import write_file_atomic, write_json_atomic
 
 log = logging.getLogger("fedvault.data")
 
@@ -45,16 +45,20 @@ def prepare(
     seed: int = 42,
     partitioning: str = "iid",
     alpha: float = 0.5,
+    classes: tuple[str, ...] = (),
 ) -> Path:
-    """Write every client's partition encrypted for that client (keys: ``keys_dir/client-<i>``)."""
-    key_ids = {}
-    for pid in tqdm(range(num_partitions), desc="encrypting partitions", unit="client"):
-        identity = load_identity(client_dir(keys_dir, pid))
-        write_partition(
-            out_dir, identity, pid, num_partitions, dataset=dataset, data_dir=data_dir,
-            seed=seed, partitioning=partitioning, alpha=alpha,
-        )  # fmt: skip
-        key_ids[str(pid)] = identity.ids.data
+    """Write every client's partition encrypted for that client (keys: ``keys_dir/client-<i>``).
+
+    Every share is read (and so validated) before the first file is written: bad input in
+    client 3's data leaves nothing behind. Each file is written atomically.
+    """
+    spec = DataSpec(dataset, data_dir, seed, partitioning=partitioning, dirichlet_alpha=alpha,
+                    classes=classes)  # fmt: skip
+    identities = [load_identity(client_dir(keys_dir, pid)) for pid in range(num_partitions)]
+    shares = [raw_partition(spec, pid, num_partitions) for pid in range(num_partitions)]
+    for identity, share in tqdm(list(zip(identities, shares, strict=True)),
+                                desc="encrypting partitions", unit="client"):  # fmt: skip
+        write_share(out_dir, identity, share)
     manifest = {
         "format": "fedvault-encrypted-partitions",
         "version": 1,
@@ -63,9 +67,11 @@ def prepare(
         "partitioning": partitioning,
         "dirichlet_alpha": alpha,
         "seed": seed,
-        "data_key_ids": key_ids,
+        "data_key_ids": {str(pid): identity.ids.data for pid, identity in enumerate(identities)},
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    if classes:
+        manifest["classes"] = list(classes)
+    write_json_atomic(out_dir / MANIFEST, manifest)
     log.info("wrote %d encrypted partitions of %s to %s", num_partitions, dataset, out_dir)
     return out_dir
 
@@ -82,15 +88,23 @@ def write_partition(
     partitioning: str = "iid",
     alpha: float = 0.5,
 ) -> Path:
-    """Encrypt one client's share under that client's data key (all a deployed client needs:
-    its own key dir, not everyone's)."""
+    """Encrypt one client's share of a built-in data set under that client's data key (all
+    a deployed client needs: its own key dir, not everyone's)."""
     spec = DataSpec(dataset, data_dir, seed, partitioning=partitioning, dirichlet_alpha=alpha)
-    share = raw_partition(spec, partition_id, num_partitions)
+    return write_share(out_dir, identity, raw_partition(spec, partition_id, num_partitions))
+
+
+def write_share(out_dir: Path, identity: Identity, share: dict) -> Path:
+    """Encrypt a share (:func:`common.data.raw_partition` / :func:`common.data.holder_share`)
+    into ``partition-<i>.fvd`` under the holder's data key, atomically: a crash leaves the old
+    file or the new one, never half of one."""
     buffer = io.BytesIO()
     torch.save(share, buffer)
     out_dir.mkdir(parents=True, exist_ok=True)
-    target = partition_file(out_dir, partition_id)
-    target.write_bytes(encrypt_bytes(buffer.getvalue(), _data_key(identity), identity.ids.data))
+    target = partition_file(out_dir, int(share["partition_id"]))
+    write_file_atomic(
+        target, encrypt_bytes(buffer.getvalue(), _data_key(identity), identity.ids.data)
+    )
     return target
 
 

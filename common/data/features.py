@@ -39,6 +39,8 @@ def _text_pipeline(num_features: int) -> Pipeline:
 
 def text_features(texts: Sequence[str], num_features: int) -> torch.Tensor:
     """Texts → dense float32 ``N×num_features`` hashed sublinear-TF vectors."""
+    if not texts:  # a holder's share has no test slice; scikit-learn rejects empty input
+        return torch.zeros((0, num_features), dtype=torch.float32)
     # use_idf=False: fit_transform learns nothing from the data (see module docstring).
     matrix = _text_pipeline(num_features).fit_transform(list(texts))
     return torch.from_numpy(matrix.astype(np.float32).toarray())

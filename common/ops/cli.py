@@ -167,8 +167,18 @@ def cmd_data_decrypt(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from common.config import OWN_DATA_SOURCES, RunConfig
     from common.data.encrypted import prepare, write_partition
 
+    classes = RunConfig(classes=args.classes).declared_classes
+    own = args.dataset in OWN_DATA_SOURCES
+    if own and not classes:
+        raise ConfigError(
+            f"--dataset {args.dataset} needs --classes: the federation's class list, as the "
+            "operator declared it (comma-separated)"
+        )
+    if classes and not own:
+        raise ConfigError(f"--classes is for {list(OWN_DATA_SOURCES)}: {args.dataset} has its own")
     if args.partition is not None:  # a deployed client: only its own key dir
         if not 0 <= args.partition < args.clients:
             raise ConfigError(
@@ -177,6 +187,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
             )
         if not args.key:
             raise ConfigError("--partition needs --key (this client's identity dir)")
+        if own:
+            return _prepare_own_data(args, classes)
         target = write_partition(
             Path(args.out), _data_identity(args), args.partition, args.clients,
             dataset=args.dataset, data_dir=args.data_dir or "", seed=args.seed,
@@ -191,10 +203,46 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     out = prepare(
         Path(args.out).expanduser().resolve(), keys_dir=keys, dataset=args.dataset,
         num_partitions=args.clients, data_dir=args.data_dir or "", seed=args.seed,
-        partitioning=args.partitioning, alpha=args.dirichlet_alpha,
+        partitioning=args.partitioning, alpha=args.dirichlet_alpha, classes=classes,
     )  # fmt: skip
     print(f"{args.clients} encrypted partitions in {out}; run with "
           f"--set encrypted-data-dir={out} --set keys-dir={keys}")  # fmt: skip
+    return 0
+
+
+def _prepare_own_data(args: argparse.Namespace, classes: tuple[str, ...]) -> int:
+    """One holder's own folder or file: validated, counted on this terminal only, encrypted
+    for the holder's own data key."""
+    from common.data import holder_share
+    from common.data.encrypted import write_share
+    from common.data.own import class_counts
+
+    if not args.data_dir:
+        raise ConfigError(f"--dataset {args.dataset} needs --data-dir: your folder or file")
+    source = Path(args.data_dir).expanduser()
+    identity = _data_identity(args)  # a wrong key fails before the data is read
+    share = holder_share(
+        args.dataset, source, classes, args.partition, args.clients,
+        label_column=args.label_column, text_column=args.text_column,
+    )  # fmt: skip
+    counts = class_counts(share["train_y"].tolist(), classes)
+    print(f"{source}: {sum(counts.values())} records (these counts stay on this machine)")
+    for name, count in counts.items():
+        print(f"  {name:>16s} {count:7d}")
+    target = write_share(Path(args.out).expanduser(), identity, share)
+    print(f"encrypted for data key {identity.ids.data} to {target}; point the SuperNode's "
+          f"node config encrypted-data-dir at {target.parent}")  # fmt: skip
+    return 0
+
+
+def cmd_data_demo_folders(args: argparse.Namespace) -> int:
+    from common.ops.demo_data import write_demo_folders
+
+    out = Path(args.out).expanduser().resolve()
+    folders = write_demo_folders(out, args.clients, seed=args.seed, alpha=args.dirichlet_alpha)
+    for folder, counts in folders.items():
+        mix = ", ".join(f"{c}:{n}" for c, n in counts.items() if n)
+        print(f"{folder}: {sum(counts.values())} images ({mix})")
     return 0
 
 
@@ -386,8 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--passphrase", action="store_true")
         d.set_defaults(func=func)
     prep = data_sub.add_parser("prepare", help="write each client's partition, encrypted")
-    prep.add_argument("--dataset", default="digits")
-    prep.add_argument("--data-dir", default="")
+    prep.add_argument("--dataset", default="digits",
+                      help="a built-in data set, or image-folder / text-file (your own data)")
+    prep.add_argument("--data-dir", default="",
+                      help="image-folder/text-file: your folder or file (with --partition)")
     prep.add_argument("--clients", type=positive_int, required=True)
     prep.add_argument("--keys", help="keys dir with client-<i>/ (keys federation): all clients")
     prep.add_argument("--partition", type=non_negative_int,
@@ -398,12 +448,26 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--seed", type=int, default=42)
     prep.add_argument("--partitioning", choices=["iid", "dirichlet"], default="iid")
     prep.add_argument("--dirichlet-alpha", type=float, default=0.5)
+    prep.add_argument("--classes", default="",
+                      help="image-folder/text-file: the federation's classes, comma-separated")
+    prep.add_argument("--label-column", default="label", help="text-file .csv: label column")
+    prep.add_argument("--text-column", default="text", help="text-file .csv: text column")
     prep.set_defaults(func=cmd_data_prepare)
+    demo = data_sub.add_parser(
+        "demo-folders", help="holders' image folders (and a test folder) from the bundled digits"
+    )
+    demo.add_argument("--out", required=True)
+    demo.add_argument("--clients", type=positive_int, default=2)
+    demo.add_argument("--seed", type=int, default=42)
+    demo.add_argument("--dirichlet-alpha", type=float, default=0.5,
+                      help="how different the holders' label mixes are (smaller: more)")
+    demo.set_defaults(func=cmd_data_demo_folders)
 
     ev = sub.add_parser("evaluate", help="metrics of a run's final model on a test split")
     ev.add_argument("run_dir")
     ev.add_argument("--dataset", help="default: the run's own")
-    ev.add_argument("--data-dir")
+    ev.add_argument("--data-dir",
+                    help="image-folder/text-file: the held-out folder or file itself")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 
@@ -445,6 +509,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedvault: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `fedvault evaluate RUN | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no 2nd error at exit
+        return 0
     except Exception as err:  # user errors: one line, no traceback
         if _is_user_error(err):
             print(f"fedvault: error: {_error_text(err)}", file=sys.stderr)

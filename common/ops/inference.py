@@ -17,12 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch import nn
 
-from common.config import ConfigError, RunConfig
+from common.config import OWN_DATA_SOURCES, ConfigError, RunConfig
 from common.data import DataSpec, load_raw_cached, load_test_set
 from common.data.features import image_features, text_features
+from common.data.images import image_error, load_image, prepare_image
 from common.logs import one_line
 from common.metrics import EVAL_BATCH_SIZE, evaluate_with_metrics
 from common.models import model_for
@@ -31,8 +31,6 @@ from common.rundir import RunDir, RunDirError
 log = logging.getLogger("fedvault.inference")
 
 IMAGE_MODELS = ("lenet5",)
-MNIST_SIZE, MNIST_BOX = 28, 20  # MNIST: digit scaled into a 20×20 box centred in 28×28
-INK_THRESHOLD = 64  # grey level (after inversion and contrast stretch) that counts as ink
 
 __all__ = [
     "InferenceError",
@@ -133,7 +131,9 @@ def evaluate_run(
     """Metrics of a run's final model on the test split of ``dataset``.
 
     Defaults: the run's own dataset; ``data_dir`` and the seed (which fixes the test split
-    of data sets published without one) come from the run's config. Returns
+    of data sets published without one) come from the run's config. For ``image-folder`` /
+    ``text-file``, ``data_dir`` is the held-out folder or file itself (default: the run's
+    ``test-data``), labelled with the run's classes. Returns
     :func:`common.metrics.evaluate_with_metrics`'s dict plus ``dataset``.
     """
     run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir)
@@ -141,6 +141,9 @@ def evaluate_run(
     name = dataset if dataset is not None else cfg.dataset
     folder = data_dir if data_dir is not None else cfg.data_dir
     spec = replace(DataSpec.from_config(cfg), dataset=name, data_dir=folder)
+    if name in OWN_DATA_SOURCES:  # a folder or file of the run's classes: data_dir names it
+        held_out = data_dir if data_dir is not None else cfg.test_data
+        spec = replace(spec, classes=run.classes, test_data=held_out)
     raw = load_raw_cached(spec)
     if raw.kind != run.kind or tuple(raw.classes) != run.classes:
         raise InferenceError(
@@ -179,7 +182,7 @@ def predict(run_dir: str | Path | LoadedRun, inputs: Sequence[str]) -> list[Pred
                 images.append(load_image(item))
                 good.append(i)
             except Exception as err:  # PIL raises OSError, ValueError, DecompressionBomb...
-                results[i] = _failed(item, _image_error(item, err))
+                results[i] = _failed(item, image_error(item, err))
         features = image_features(torch.stack(images)) if images else None
     else:
         texts: list[str] = []
@@ -219,62 +222,6 @@ def _probabilities(model: nn.Module, features: torch.Tensor) -> np.ndarray:
 def _failed(item: str, message: str) -> Prediction:
     log.warning("%s", message)
     return Prediction(input=item, label=None, probability=None, error=message)
-
-
-def _image_error(path: str, err: Exception) -> str:
-    if isinstance(err, FileNotFoundError):
-        return f"{path}: no such file"
-    if isinstance(err, IsADirectoryError):
-        return f"{path}: is a directory, not an image file"
-    return f"{path}: cannot read as an image ({type(err).__name__}: {one_line(err)})"
-
-
-def load_image(path: str | Path) -> torch.Tensor:
-    """Open an image file and make it MNIST-like (:func:`prepare_image`)."""
-    with Image.open(path) as img:
-        img.load()  # decode now: a truncated/corrupt file fails here, inside the with
-        return prepare_image(img)
-
-
-def prepare_image(img: Image.Image) -> torch.Tensor:
-    """Any image → uint8 ``28×28`` tensor that looks like MNIST: white ink on black, the
-    digit's bounding box scaled into a 20×20 box centred in the 28×28 frame.
-
-    Steps: apply the EXIF orientation; flatten transparency (ink = the opaque strokes);
-    greyscale; invert when the background is light (mean > 127); stretch the contrast to
-    0-255; crop to the ink; resize preserving the aspect ratio; pad.
-    """
-    img = ImageOps.exif_transpose(img)
-    gray = _flatten_alpha(img) if _has_alpha(img) else img.convert("L")
-    if np.asarray(gray).mean() > 127:  # dark ink on a light background: MNIST is inverted
-        gray = ImageOps.invert(gray)
-    gray = ImageOps.autocontrast(gray)
-    box = gray.point(lambda v: 255 if v >= INK_THRESHOLD else 0).getbbox()
-    if box is not None:  # None: blank image, keep the whole frame
-        gray = gray.crop(box)
-    w, h = gray.size
-    scale = MNIST_BOX / max(w, h)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    gray = gray.resize(size, Image.Resampling.LANCZOS)
-    frame = Image.new("L", (MNIST_SIZE, MNIST_SIZE), 0)
-    frame.paste(gray, ((MNIST_SIZE - size[0]) // 2, (MNIST_SIZE - size[1]) // 2))
-    return torch.from_numpy(np.array(frame, dtype=np.uint8))
-
-
-def _has_alpha(img: Image.Image) -> bool:
-    return img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info)
-
-
-def _flatten_alpha(img: Image.Image) -> Image.Image:
-    """Composite onto a background that contrasts with the ink (the opaque pixels)."""
-    rgba = img.convert("RGBA")
-    alpha = np.asarray(rgba.getchannel("A"), dtype=np.float64)
-    if alpha.min() == 255:
-        return rgba.convert("L")
-    gray = np.asarray(rgba.convert("L"), dtype=np.float64)
-    ink = (gray * alpha).sum() / max(alpha.sum(), 1.0)
-    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if ink < 128 else (0, 0, 0, 255))
-    return Image.alpha_composite(background, rgba).convert("L")
 
 
 def read_text_inputs(

@@ -267,7 +267,7 @@ def build_run_config(
     merged = {**scenario.run_config, **overrides}
     if output_dir is not None:
         merged["output-dir"] = str(output_dir)
-    for key in ("output-dir", "data-dir", "keys-dir", "encrypted-data-dir"):
+    for key in ("output-dir", "data-dir", "keys-dir", "encrypted-data-dir", "test-data"):
         value = merged.get(key, RunConfig().to_mapping()[key])
         if value:
             merged[key] = absolute(str(value))
@@ -302,14 +302,17 @@ def prepare_output_dir(out_dir: Path) -> Path:
 def preflight(run_config: dict[str, Any], num_clients: int) -> None:
     """What the apps would fail on, checked here first: data set, model and activation names,
     the data present and parseable, encrypted partitions made for these keys."""
-    from common.data import DATASETS
-    from common.data.sources import DataError, load_raw
+    from common.config import OWN_DATA_SOURCES
+    from common.data import DATASETS, DataSpec, load_raw_cached
+    from common.data.own import holder_path
+    from common.data.sources import DataError
     from common.models import ACTIVATIONS, MODEL_NAMES
 
     cfg = RunConfig.from_mapping(run_config)
-    if cfg.dataset not in DATASETS:
+    if cfg.dataset not in (*DATASETS, *OWN_DATA_SOURCES):
         raise ConfigError(
-            f"unknown dataset {cfg.dataset!r}: --set dataset=<one of {list(DATASETS)}>"
+            f"unknown dataset {cfg.dataset!r}: --set dataset=<one of "
+            f"{[*DATASETS, *OWN_DATA_SOURCES]}>"
         )
     if cfg.model not in MODEL_NAMES:
         raise ConfigError(f"unknown model {cfg.model!r}: --set model=<one of {list(MODEL_NAMES)}>")
@@ -320,7 +323,17 @@ def preflight(run_config: dict[str, Any], num_clients: int) -> None:
         )
     if cfg.data_dir and not Path(cfg.data_dir).is_dir():
         raise ConfigError(f"data-dir {cfg.data_dir} is not a directory: fix --set data-dir")
-    raw = load_raw(cfg.dataset, cfg.data_dir, cfg.seed)  # DataError says what is missing
+    raw = load_raw_cached(DataSpec.from_config(cfg))  # DataError says what is missing
+    if cfg.dataset in OWN_DATA_SOURCES and not cfg.encrypted_data_dir:
+        if not cfg.data_dir:
+            raise ConfigError(
+                f"dataset {cfg.dataset} in a simulation reads client i's data from "
+                "<data-dir>/client-<i>: --set data-dir=DIR"
+            )
+        for pid in range(num_clients):
+            path = holder_path(Path(cfg.data_dir), pid, cfg.dataset)
+            if not path.exists():
+                raise DataError(f"client {pid}'s data {path} not found: fix --set data-dir")
     if (raw.kind == "image") != (cfg.model == "lenet5"):
         fits = "lenet5" if raw.kind == "image" else "text-linear or text-mlp"
         raise ConfigError(
