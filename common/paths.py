@@ -9,10 +9,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# In a run directory while its ServerApp runs: the ServerApp's process id (server/app.py
-# writes it; ``fedvault simulate`` reads it to end the run's processes on Ctrl-C).
-SERVERAPP_PID_FILE = ".serverapp.pid"
-
 
 def default_cache_dir() -> Path:
     """``$FEDVAULT_CACHE`` or ``~/.cache/fedvault``."""

@@ -71,6 +71,7 @@ from common.privacy.verification import (
     plan_problem,
     verify_chain,
 )
+from common.rundir import RunDir
 
 # How far a claim may sit below the *other* accountant (RDP is looser than PRV by ~10-20 %).
 CROSS_TOLERANCE = 0.25
@@ -303,7 +304,7 @@ def _keys(
         return ClientKeys.from_mapping(public_keys, "public_keys argument")
     if keys_dir is not None:
         return load_client_keys(keys_dir, origin="auditor")
-    path = data.run_dir / "keys"
+    path = RunDir(data.run_dir).keys_dir
     return load_client_keys(path, origin="server") if path.is_dir() else None
 
 
@@ -366,7 +367,9 @@ def _audit_ledger(
                 )
             )
         out.extend(_plan_checks(pid, chain, run_id))
-        out.extend(_audit_claims(pid, chain, data, rec, tolerance, result.checks))
+        found, checks = _audit_claims(pid, chain, data, rec, tolerance)
+        out.extend(found)
+        result.checks.extend(checks)
     for pid, ids in sorted(holders.items()):
         if len(ids) > 1:
             out.append(
@@ -401,10 +404,83 @@ def _audit_claims(
     data: RunData,
     rec: Recomputer,
     tolerance: float,
-    checks: list[EntryCheck],
-) -> list[Finding]:
-    """Recompute every cumulative ε of one lifetime chain; check claims, increments, budgets."""
-    run_id = data.run_id
+) -> tuple[list[Finding], list[EntryCheck]]:
+    """Recompute every cumulative ε of one lifetime chain; check claims, increments, budgets.
+
+    Per entry, in order: the claim against its declared accountant, against the independent
+    one, against the lifetime budget, and its ``epsilon_round`` against the increase. Claims
+    above the recomputation and budgets exceeded are reported once per chain, after the loop.
+    """
+    out = _chain_warnings(pid, chain, data)
+    valid = _claim_chain(chain, out)
+    if not valid:
+        return out, []
+    budgets = _budgets(valid)
+    try:
+        prefix = _Prefixes(valid, rec, tolerance, budgets)
+    except (ValueError, RuntimeError, ArithmeticError) as err:
+        out.append(
+            finding(
+                "error", "recompute-failed", pid, None,
+                f"ε cannot be recomputed from the recorded mechanism ({err})",
+            )
+        )
+        return out, []
+
+    checks: list[EntryCheck] = []
+    over: list[tuple[LedgerEntry, float]] = []  # (entry, how far above the recomputation)
+    exceeded: list[tuple[LedgerEntry, float, float]] = []  # (entry, ε spent, budget)
+    for c in _claims(valid, budgets, pid, data.run_id):
+        floor = _declared_epsilon(c, prefix, tolerance)
+        under = c.claim < floor * (1 - tolerance)
+        if under:
+            out.append(_under_reported(c, floor, prefix, tolerance))
+        else:
+            if c.claim > floor * (1 + tolerance):
+                over.append((c.entry, c.claim / floor - 1 if floor > 0 else math.inf))
+            out.extend(_independent_accountant(c, prefix))
+        exceeded.extend(_lifetime_budget(c, prefix))
+        out.extend(_round_increment(c))
+        if c.entry.run_id == data.run_id:
+            checks.append(_entry_check(c, prefix, under))
+    out.extend(_over_reported(pid, data.run_id, over))
+    out.extend(_budget_exceeded(pid, data.run_id, exceeded))
+    out.extend(_run_budgets(pid, valid, prefix, data.run_id, bool(over)))
+    return out, checks
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """One entry's cumulative claim, with what its checks need."""
+
+    k: int  # its index in the valid chain (and in the chain's prefixes)
+    entry: LedgerEntry
+    at: Label
+    budget: float
+    previous: float  # the cumulative claim before it (0 for the chain's first entry)
+
+    @property
+    def claim(self) -> float:
+        return self.entry.epsilon_cumulative
+
+    @property
+    def other(self) -> str:
+        """The independent accountant: the one the entry did not declare."""
+        return next(a for a in ACCOUNTANTS if a != self.entry.accountant)
+
+
+def _claims(
+    valid: list[LedgerEntry], budgets: list[float], pid: int, run_id: str
+) -> Iterable[_Claim]:
+    previous = 0.0
+    for k, e in enumerate(valid):
+        yield _Claim(k, e, Label.of(e, pid, run_id), budgets[k], previous)
+        previous = e.epsilon_cumulative
+
+
+def _chain_warnings(pid: int, chain: list[LedgerEntry], data: RunData) -> list[Finding]:
+    """Before any recomputation: kinds not audited, this run's entries against its config,
+    mechanisms the accountants handle poorly, and a δ that changed along the chain."""
     out: list[Finding] = []
     other_kinds = sorted({e.kind for e in chain if e.kind != KIND_CLIENT_DP_SGD})
     if other_kinds:
@@ -417,7 +493,7 @@ def _audit_claims(
     entries = sorted((e for e in chain if e.kind == KIND_CLIENT_DP_SGD), key=lambda e: e.seq)
     if not entries:
         return out
-    this_run = [e for e in entries if e.run_id == run_id]
+    this_run = [e for e in entries if e.run_id == data.run_id]
     out.extend(_config_consistency(pid, this_run, data.config))
     by_mechanism: dict[tuple[int, float, float], list[int]] = {}
     for e in this_run:
@@ -434,112 +510,117 @@ def _audit_claims(
                 "entry's δ",
             )
         )
-
-    valid = _claim_chain(entries, out)
-    if not valid:
-        return out
-    budgets = _budgets(valid)
-    try:
-        prefix = _Prefixes(valid, rec, tolerance, budgets)
-    except (ValueError, RuntimeError, ArithmeticError) as err:
-        out.append(
-            finding(
-                "error", "recompute-failed", pid, None,
-                f"ε cannot be recomputed from the recorded mechanism ({err})",
-            )
-        )
-        return out
-
-    over: list[int] = []
-    over_seqs: list[int] = []
-    over_by = 0.0
-    exceeded: list[tuple[LedgerEntry, float, float]] = []
-    previous = 0.0
-    for k, e in enumerate(valid):
-        at = Label.of(e, pid, run_id)
-        claim, budget = e.epsilon_cumulative, budgets[k]
-        # the claim: not below the declared accountant's ε by more than the tolerance
-        floor = prefix.upper(k, e.accountant)
-        under = claim < floor * (1 - tolerance)
-        if under:
-            floor = prefix.exact(k, e.accountant)  # a failure is always confirmed exactly
-            under = claim < floor * (1 - tolerance)
-        other = next(a for a in ACCOUNTANTS if a != e.accountant)
-        if under:
-            gap = 1 - claim / floor if floor > 0 else 1.0
-            out.append(
-                at.finding(
-                    "error", "under-reported",
-                    f"claims ε={claim:.4f} but its mechanism history recomputes to "
-                    f"ε={floor:.4f} with {e.accountant} ({other}: "
-                    f"{prefix.exact(k, other):.4f}): under-reported by {gap:.1%} "
-                    f"(tolerance {tolerance:.1%})",
-                )
-            )
-        elif claim > floor * (1 + tolerance):
-            if e.run_id == run_id:
-                over.append(e.round)
-            over_seqs.append(e.seq)
-            over_by = max(over_by, claim / floor - 1 if floor > 0 else math.inf)
-        # the independent accountant: not below it by more than its stated tolerance
-        if not under and claim < prefix.upper(k, other) * (1 - CROSS_TOLERANCE):
-            independent = prefix.exact(k, other)
-            if claim < independent * (1 - CROSS_TOLERANCE):
-                out.append(
-                    at.finding(
-                        "error", "accountants-disagree",
-                        f"claims ε={claim:.4f} with {e.accountant}, but the independent "
-                        f"{other} accountant recomputes ε={independent:.4f}: more than "
-                        f"{CROSS_TOLERANCE:.0%} below it",
-                    )
-                )
-        # the lifetime budget: the claim and the recomputation must both stay within it
-        if claim > budget:
-            exceeded.append((e, claim, budget))
-        elif prefix.upper(k, e.accountant) > budget:
-            spent = prefix.exact(k, e.accountant)
-            if spent > budget:
-                exceeded.append((e, spent, budget))
-        # the increment: the difference of consecutive cumulative claims
-        increase = claim - previous
-        if not math.isclose(e.epsilon_round, increase, rel_tol=_SAME, abs_tol=1e-12):
-            out.append(
-                at.finding(
-                    "error", "round-epsilon",
-                    f"epsilon_round={e.epsilon_round:.6g} is not the increase of cumulative ε "
-                    f"({claim:.6g} - {previous:.6g} = {increase:.6g})",
-                )
-            )
-        previous = claim
-        if e.run_id == run_id:
-            checks.append(
-                EntryCheck(
-                    pid, e.round, e.accountant, e.delta, claim, e.epsilon_round, budget,
-                    prefix.known(k), prefix.bound(k), under, run_id=e.run_id, seq=e.seq,
-                    chain_id=e.chain_id,
-                )
-            )  # fmt: skip
-    if over_seqs:
-        earlier = len(over_seqs) - len(over)
-        out.append(
-            finding(
-                "warning", "over-reported", pid, over or None,
-                f"claimed ε is above the recomputation by up to {over_by:.1%}"
-                + (f" (in {earlier} entries of earlier runs)" if earlier else "")
-                + ": conservative, but the recorded mechanism may not be the one that ran",
-            )
-        )
-    if exceeded:
-        e, spent, budget = exceeded[0]
-        more = f" (and in {len(exceeded) - 1} later entries)" if len(exceeded) > 1 else ""
-        out.append(
-            Label.of(e, pid, run_id).finding(
-                "error", "budget-exceeded",
-                f"exceeded its lifetime privacy budget: ε={spent:.4f} > budget ε={budget:g}{more}",
-            )
-        )
-    out.extend(_run_budgets(pid, valid, prefix, run_id, bool(over_seqs)))
     return out
+
+
+def _declared_epsilon(c: _Claim, prefix: _Prefixes, tolerance: float) -> float:
+    """The declared accountant's ε for the claim's history: its upper bound, or the exact
+    value where the bound would fail the claim (a failure is always confirmed exactly)."""
+    floor = prefix.upper(c.k, c.entry.accountant)
+    if c.claim < floor * (1 - tolerance):
+        floor = prefix.exact(c.k, c.entry.accountant)
+    return floor
+
+
+def _under_reported(c: _Claim, floor: float, prefix: _Prefixes, tolerance: float) -> Finding:
+    """Check 1: the claim is below the declared accountant's ε by more than the tolerance."""
+    gap = 1 - c.claim / floor if floor > 0 else 1.0
+    return c.at.finding(
+        "error", "under-reported",
+        f"claims ε={c.claim:.4f} but its mechanism history recomputes to "
+        f"ε={floor:.4f} with {c.entry.accountant} ({c.other}: "
+        f"{prefix.exact(c.k, c.other):.4f}): under-reported by {gap:.1%} "
+        f"(tolerance {tolerance:.1%})",
+    )  # fmt: skip
+
+
+def _independent_accountant(c: _Claim, prefix: _Prefixes) -> list[Finding]:
+    """Check 2: the claim is not below the independent accountant by more than its stated
+    tolerance (``CROSS_TOLERANCE``)."""
+    if c.claim >= prefix.upper(c.k, c.other) * (1 - CROSS_TOLERANCE):
+        return []
+    independent = prefix.exact(c.k, c.other)
+    if c.claim >= independent * (1 - CROSS_TOLERANCE):
+        return []
+    return [
+        c.at.finding(
+            "error", "accountants-disagree",
+            f"claims ε={c.claim:.4f} with {c.entry.accountant}, but the independent "
+            f"{c.other} accountant recomputes ε={independent:.4f}: more than "
+            f"{CROSS_TOLERANCE:.0%} below it",
+        )
+    ]  # fmt: skip
+
+
+def _lifetime_budget(c: _Claim, prefix: _Prefixes) -> list[tuple[LedgerEntry, float, float]]:
+    """Check 3: the claim and the recomputation both stay within the lifetime budget;
+    ``(entry, ε spent, budget)`` when not (reported once per chain by :func:`_budget_exceeded`)."""
+    if c.claim > c.budget:
+        return [(c.entry, c.claim, c.budget)]
+    if prefix.upper(c.k, c.entry.accountant) > c.budget:
+        spent = prefix.exact(c.k, c.entry.accountant)
+        if spent > c.budget:
+            return [(c.entry, spent, c.budget)]
+    return []
+
+
+def _round_increment(c: _Claim) -> list[Finding]:
+    """Check 4: ``epsilon_round`` is the difference of consecutive cumulative claims."""
+    increase = c.claim - c.previous
+    if math.isclose(c.entry.epsilon_round, increase, rel_tol=_SAME, abs_tol=1e-12):
+        return []
+    return [
+        c.at.finding(
+            "error", "round-epsilon",
+            f"epsilon_round={c.entry.epsilon_round:.6g} is not the increase of cumulative ε "
+            f"({c.claim:.6g} - {c.previous:.6g} = {increase:.6g})",
+        )
+    ]  # fmt: skip
+
+
+def _entry_check(c: _Claim, prefix: _Prefixes, under: bool) -> EntryCheck:
+    """The report's row for one of this run's entries (after its checks: what they computed)."""
+    e = c.entry
+    return EntryCheck(
+        c.at.partition_id, e.round, e.accountant, e.delta, c.claim, e.epsilon_round, c.budget,
+        prefix.known(c.k), prefix.bound(c.k), under, run_id=e.run_id, seq=e.seq,
+        chain_id=e.chain_id,
+    )  # fmt: skip
+
+
+def _over_reported(
+    pid: int, run_id: str, over: list[tuple[LedgerEntry, float]]
+) -> list[Finding]:
+    """One warning for all the chain's claims above the recomputation by more than the
+    tolerance (conservative, but a sign the recorded mechanism is not the one that ran)."""
+    if not over:
+        return []
+    rounds = [e.round for e, _ in over if e.run_id == run_id]
+    earlier = len(over) - len(rounds)
+    return [
+        finding(
+            "warning", "over-reported", pid, rounds or None,
+            f"claimed ε is above the recomputation by up to {max(by for _, by in over):.1%}"
+            + (f" (in {earlier} entries of earlier runs)" if earlier else "")
+            + ": conservative, but the recorded mechanism may not be the one that ran",
+        )
+    ]  # fmt: skip
+
+
+def _budget_exceeded(
+    pid: int, run_id: str, exceeded: list[tuple[LedgerEntry, float, float]]
+) -> list[Finding]:
+    """One error at the first entry over the lifetime budget, counting the later ones."""
+    if not exceeded:
+        return []
+    e, spent, budget = exceeded[0]
+    more = f" (and in {len(exceeded) - 1} later entries)" if len(exceeded) > 1 else ""
+    return [
+        Label.of(e, pid, run_id).finding(
+            "error", "budget-exceeded",
+            f"exceeded its lifetime privacy budget: ε={spent:.4f} > budget ε={budget:g}{more}",
+        )
+    ]  # fmt: skip
 
 
 def _run_budgets(

@@ -62,31 +62,23 @@ MAX_GRID = 1 << 22
 
 
 def _opacus_internals() -> dict[str, object] | None:
-    """Opacus's building blocks, or None if this Opacus lacks them (use epsilon_of then)."""
+    """Opacus's building blocks (from :mod:`common.privacy.opacus_internals`), or None if they
+    cannot be imported, e.g. on an Opacus outside the verified range (use epsilon_of then)."""
     try:
-        from opacus.accountants import RDPAccountant
-        from opacus.accountants.analysis import rdp as rdp_analysis
-        from opacus.accountants.analysis.prv import (
-            Domain,
-            PoissonSubsampledGaussianPRV,
-            TruncatedPrivacyRandomVariable,
-            compose_heterogeneous,
-            discretize,
-        )
-        from opacus.accountants.analysis.prv.prvs import DiscretePRV
+        from common.privacy import opacus_internals as oi
     except ImportError as err:  # pragma: no cover - depends on the installed Opacus
         log.warning("Opacus internals not found (%s): recomputing ε the slow way", err)
         return None
     return {
-        "alphas": RDPAccountant.DEFAULT_ALPHAS,
-        "compute_rdp": rdp_analysis.compute_rdp,
-        "get_privacy_spent": rdp_analysis.get_privacy_spent,
-        "Domain": Domain,
-        "PRV": PoissonSubsampledGaussianPRV,
-        "TruncatedPRV": TruncatedPrivacyRandomVariable,
-        "compose": compose_heterogeneous,
-        "discretize": discretize,
-        "DiscretePRV": DiscretePRV,
+        "alphas": oi.RDP_DEFAULT_ALPHAS,
+        "compute_rdp": oi.compute_rdp,
+        "get_privacy_spent": oi.get_privacy_spent,
+        "Domain": oi.Domain,
+        "PRV": oi.PoissonSubsampledGaussianPRV,
+        "TruncatedPRV": oi.TruncatedPrivacyRandomVariable,
+        "compose": oi.compose_heterogeneous,
+        "discretize": oi.discretize,
+        "DiscretePRV": oi.DiscretePRV,
     }
 
 

@@ -5,7 +5,8 @@ Only primitives from the ``cryptography`` package are used. Modules, one job eac
 * :mod:`.errors`     -- ``CryptoError`` and its user-facing subclasses (one-line messages)
 * :mod:`.keyids`     -- 16-hex-char key ids
 * :mod:`.passphrase` -- scrypt stretching of a key dir passphrase
-* :mod:`.keys`       -- key dirs: ``init_identity``, ``load_identity``, ``load_public``
+* :mod:`.keys`       -- key dirs: ``init_identity``, ``load_identity``, ``load_public``;
+                        detached Ed25519 signatures: ``Identity.sign``, ``signature_valid``
 * :mod:`.container`  -- FVD1 encrypted data files (chunked streaming AES-256-GCM)
 * :mod:`.sealing`    -- ``seal``/``open_sealed`` (encrypted + signed) and ``sign``/``verify``
 """
@@ -35,6 +36,7 @@ from .keys import (
     init_identity,
     load_identity,
     load_public,
+    signature_valid,
 )
 from .sealing import message_info, open_sealed, seal, sign, verify
 
@@ -64,5 +66,6 @@ __all__ = [
     "read_header",
     "seal",
     "sign",
+    "signature_valid",
     "verify",
 ]

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -75,6 +75,7 @@ __all__ = [
     "init_identity",
     "load_identity",
     "load_public",
+    "signature_valid",
 ]
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,26 @@ class Identity:
     def label(self) -> str:
         """How error messages refer to this identity's keys, e.g. ``key dir 'keys/c0'``."""
         return f"key dir '{self.directory}'" if self.directory else f"{self.role} '{self.name}'"
+
+    def sign(self, message: bytes) -> bytes:
+        """The raw 64-byte Ed25519 signature of ``message`` by this identity's signing key.
+
+        A detached signature: the caller frames ``message`` (a label of its own first, so the
+        signature is never valid in another protocol); :func:`signature_valid` checks it.
+        """
+        return self.ed25519_private.sign(message)
+
+
+def signature_valid(public_key: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:
+    """Whether ``signature`` is ``public_key``'s raw Ed25519 signature over ``message``
+    (what :meth:`Identity.sign` makes); anything but 64 bytes is simply not valid."""
+    if len(signature) != 64:
+        return False
+    try:
+        public_key.verify(signature, message)
+    except InvalidSignature:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------

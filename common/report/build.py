@@ -15,10 +15,9 @@ from common.audit.rundata import load_run
 from common.report.content import build_report
 from common.report.render_html import render_html
 from common.report.render_md import render_md
+from common.rundir import RunDir
 
 log = logging.getLogger("fedvault.report.build")
-
-REPORT_FILES = {"html": "report.html", "json": "report.json", "md": "report.md"}
 
 
 def write_report(
@@ -54,7 +53,7 @@ def write_report(
     }
     paths: dict[str, Path] = {}
     for kind, text in texts.items():
-        path = root / REPORT_FILES[kind]
+        path = root / RunDir.REPORTS[kind]
         write_file_atomic(path, text.encode("utf-8"), mode=PUBLIC_MODE)
         paths[kind] = path
     log.info("privacy report for run %s: %s", data.run_id, ", ".join(map(str, paths.values())))
