@@ -35,6 +35,7 @@ from common import protocol as P
 from common.config import RunConfig
 from common.crypto import CryptoError, Identity
 from common.data import DataError, DataSpec, Partition, encrypted, load_partition
+from common.data.own import HolderDataError
 from common.evaluation import evaluate
 from common.federation_keys import load_own
 from common.logs import configure_logging
@@ -200,7 +201,9 @@ def _refuse(
     """A refusal is an ordinary reply (so the sealing mod seals it: a server can tell a
     holder's refusal from a forged one), logged on the holder's side too."""
     log.warning("partition %d, round %d refuses: %s", pid, server_round, refusal)
-    return _reply(msg, {P.REFUSAL: ConfigRecord({"code": code, "reason": str(refusal)})})
+    # what is wrong with the holder's records quotes them: the server learns only that
+    reason = HolderDataError.PUBLIC_REASON if isinstance(refusal, HolderDataError) else refusal
+    return _reply(msg, {P.REFUSAL: ConfigRecord({"code": code, "reason": str(reason)})})
 
 
 def _partition(cfg: RunConfig, context: Context) -> Partition:

@@ -7,9 +7,11 @@ Every process is started in its own process group and stopped by the fixture tha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -75,10 +77,11 @@ def operator(work, federation, superlink) -> tuple[Path, dict[int, int]]:
     return home, node_ids
 
 
-@pytest.fixture
-def supernodes(work, federation, operator, tmp_path):
-    """Clients 0 and 1 as authenticated SuperNodes, each with a fresh state dir; stopped after
-    the test. Yields (processes, start-one function) so a test can restart a node."""
+@contextlib.contextmanager
+def _supernodes(federation, operator, tmp_path, encrypted_dirs=None):
+    """Clients 0 and 1 as authenticated SuperNodes, each with a fresh state dir (and, given
+    ``encrypted_dirs``, its own encrypted-data-dir in its node config), stopped on exit.
+    Yields (processes, start-one function) so a test can restart a node."""
     home, node_ids = operator
     procs: list[deploy.FlowerProcess] = []
 
@@ -87,6 +90,7 @@ def supernodes(work, federation, operator, tmp_path):
         cmd = supernode_command(
             client, federation.superlink_address, NUM_NODES,
             runtime_port=_free_port(), state_dir=tmp_path / f"state-{pid}",
+            encrypted_data_dir=encrypted_dirs[pid] if encrypted_dirs else None,
         )  # fmt: skip
         env = deploy.flower_env(tmp_path / f"supernode-{pid}-home", tuned=True)
         log_file = tmp_path / f"supernode-{pid}.{len(procs)}.log"
@@ -102,6 +106,12 @@ def supernodes(work, federation, operator, tmp_path):
             f"SuperNodes did not come online: {status}\n" + procs[0].text()[-3000:]
         )
         yield procs, start
+
+
+@pytest.fixture
+def supernodes(federation, operator, tmp_path):
+    with _supernodes(federation, operator, tmp_path) as nodes:
+        yield nodes
 
 
 def _run_config(work: Path, federation: Federation, enc: Path, rounds: int) -> dict:
@@ -140,6 +150,51 @@ def test_two_rounds_over_tls_with_auth_and_encrypted_partitions(
         assert 0 < eps[0] < eps[1] <= budget
     assert metrics["config"]["encrypt-updates"] is True
     assert "updates sealed end to end" in run.log_file.read_text()
+
+
+def test_holders_train_on_their_own_image_folders(work, federation, operator, tmp_path):
+    """Two holders with their own image folders (own sizes and label mixes): each runs
+    `fedvault data prepare` with only its own key and names its encrypted dir in its own
+    node config; the server evaluates on its own held-out folder."""
+    from common.ops.demo_data import write_demo_folders
+
+    home, _ = operator
+    folders = tmp_path / "holders"
+    write_demo_folders(folders, NUM_NODES, seed=7)
+    digits = ",".join(str(d) for d in range(10))
+    encrypted_dirs = []
+    for c in federation.clients[:NUM_NODES]:
+        enc = tmp_path / f"holder-{c.partition_id}-encrypted"
+        proc = subprocess.run(
+            [sys.executable, "-m", "common.ops.cli", "data", "prepare",
+             "--dataset", "image-folder", "--classes", digits,
+             "--data-dir", str(folders / f"client-{c.partition_id}"),
+             "--partition", str(c.partition_id), "--clients", str(NUM_NODES),
+             "--key", str(c.identity_dir), "--out", str(enc)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        encrypted_dirs.append(enc)
+    run_config = {
+        "dataset": "image-folder", "classes": digits, "test-data": str(folders / "test"),
+        "num-server-rounds": 3, "batch-size": 32, "min-train-nodes": NUM_NODES,
+        "encrypt-updates": True, "keys-dir": str(federation.superlink.keys_dir),
+        "output-dir": str(work / "runs-own-data"), "round-timeout": 90.0,
+    }  # fmt: skip
+    with _supernodes(federation, operator, tmp_path, encrypted_dirs):
+        run = deploy.run_app(REPO, home, run_config, work / "run-own-data.log")
+    metrics = json.loads((run.run_dir / "metrics.json").read_text())
+    rounds = metrics["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert all(not r["failures"] for r in rounds), [r["failures"] for r in rounds]
+    sizes = {c["partition_id"]: c["num_examples"] for c in rounds[0]["clients"]}
+    assert sorted(sizes) == [0, 1] and sizes[0] != sizes[1]
+    summary = metrics["summary"]
+    assert summary["train_examples"] is None and summary["test_examples"] == 360
+    assert rounds[-1]["test_accuracy"] > 0.3  # chance is 0.1
+    assert "updates sealed end to end" in run.log_file.read_text()
+    report = json.loads((run.run_dir / "report.json").read_text())
+    assert report["audit"]["verdict"] == "pass", report["audit"]
 
 
 def test_refused_connections(work, federation, superlink, operator):

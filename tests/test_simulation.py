@@ -214,3 +214,34 @@ def test_every_run_has_a_report_whose_audit_passes(digits_run):
     assert failed.returncode == 1
     who = f"client {entries[1]['partition_id']}, round {entries[1]['round']}"
     assert who in failed.stdout, failed.stdout
+
+
+def test_holders_bring_their_own_image_folders(flower_home, tmp_path):
+    """digits-folders-dp: each simulated holder reads <data-dir>/client-<i>/ (its own size
+    and label mix), the server its own held-out folder; evaluate works on the run."""
+    fedvault("data", "demo-folders", "--out", "demo-holders", "--clients", "3", cwd=tmp_path)
+    fedvault("simulate", "digits-folders-dp", "--num-clients", "3", "--output-dir", "runs",
+             "--set", "num-server-rounds=2", cwd=tmp_path)  # fmt: skip
+    run_dir = _run_dir(tmp_path / "runs")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["summary"]["train_examples"] is None  # the server never held them
+    assert metrics["summary"]["test_examples"] == 360
+    sizes = {c["partition_id"]: c["num_examples"] for c in metrics["rounds"][0]["clients"]}
+    assert sorted(sizes) == [0, 1, 2] and len(set(sizes.values())) == 3  # sizes of their own
+    assert metrics["rounds"][-1]["test_accuracy"] > 0.25  # chance is 0.1
+    evaluation = json.loads(fedvault("evaluate", str(run_dir), "--json").stdout)
+    assert evaluation["accuracy"] == pytest.approx(metrics["rounds"][-1]["test_accuracy"])
+
+    # a holder's folder with a class the operator never declared: the run ends naming the
+    # holder; the label and the path stay in the holder's own log line, not in the server's
+    lion = tmp_path / "demo-holders" / "client-1" / "lion"
+    lion.mkdir()
+    a_digit = next((tmp_path / "demo-holders" / "test" / "0").iterdir())
+    (lion / "x.png").write_bytes(a_digit.read_bytes())
+    proc = fedvault("simulate", "digits-folders-dp", "--num-clients", "3", "--output-dir", "bad",
+                    "--set", "num-server-rounds=2", cwd=tmp_path, check=False)  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "partition 1 cannot use its data: this holder's own data is unusable" in last, last
+    assert "lion" not in last
+    assert "label 'lion' is not one of the federation's classes" in proc.stderr  # holder's log

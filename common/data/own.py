@@ -19,6 +19,9 @@ Where a source is found: a holder preparing its own data names its folder or fil
 (``fedvault data prepare --data-dir``); a simulation keeps one holder's data per client at
 ``<data-dir>/client-<i>`` (a folder, or ``client-<i>.csv`` / ``.tsv`` / ``.txt``); the server's
 held-out set is run config ``test-data``, a folder or file of the same kind.
+
+What is wrong with a holder's records is said in one line that names the file, raised as
+:class:`HolderDataError`: its text is derived from private data, so it stays with the holder.
 """
 
 from __future__ import annotations
@@ -39,6 +42,17 @@ from common.data.sources import DataError
 
 log = logging.getLogger("fedvault.data")
 
+
+class HolderDataError(DataError):
+    """A holder's own records cannot be used. The message quotes them (a label, a line, a
+    file name inside the holder's folder): it is for the holder's eyes, and a ClientApp
+    sends the server only :attr:`PUBLIC_REASON`."""
+
+    PUBLIC_REASON = (
+        "this holder's own data is unusable; the holder's log names the file and the fix "
+        "(the details stay on the holder's machine)"
+    )
+
 TEXT_SUFFIXES = (".csv", ".tsv", ".txt")
 LABEL_COLUMN, TEXT_COLUMN = "label", "text"
 
@@ -56,7 +70,7 @@ def read_source(
         return read_image_folder(path, classes)
     if source == "text-file":
         return read_text_file(path, classes, label_column=label_column, text_column=text_column)
-    raise DataError(f"unknown data source {source!r}: use one of {list(OWN_DATA_SOURCES)}")
+    raise HolderDataError(f"unknown data source {source!r}: use one of {list(OWN_DATA_SOURCES)}")
 
 
 def read_image_folder(root: Path, classes: Sequence[str]) -> tuple[torch.Tensor, np.ndarray]:
@@ -64,21 +78,21 @@ def read_image_folder(root: Path, classes: Sequence[str]) -> tuple[torch.Tensor,
     from torchvision.datasets import ImageFolder
 
     if not root.is_dir():
-        raise DataError(
+        raise HolderDataError(
             f"image folder {root} not found or not a folder: point data-dir at a folder "
             "with one sub-folder per class"
         )
     try:
         folder = ImageFolder(str(root), loader=load_image)
     except FileNotFoundError as err:  # no class folder, or an empty one
-        raise DataError(
+        raise HolderDataError(
             f"image folder {root}: {err} Put at least one image in every class folder "
             "(or remove the empty one)"
         ) from None
     index = {name: i for i, name in enumerate(classes)}
     for name in folder.classes:
         if name not in index:
-            raise DataError(
+            raise HolderDataError(
                 f"{root / name}: label {name!r} is not one of the federation's classes "
                 f"{list(classes)}: move these images out, or ask the operator to declare it"
             )
@@ -89,7 +103,7 @@ def read_image_folder(root: Path, classes: Sequence[str]) -> tuple[torch.Tensor,
         try:
             images.append(load_image(file))
         except Exception as err:  # PIL raises OSError, ValueError, DecompressionBomb...
-            raise DataError(f"{image_error(file, err)}: fix or remove the file") from None
+            raise HolderDataError(f"{image_error(file, err)}: fix or remove the file") from None
         labels.append(index[folder.classes[folder_index]])
     _log_counts(root, labels, classes)
     return torch.stack(images), np.asarray(labels, dtype=np.int64)
@@ -106,13 +120,13 @@ def read_text_file(
     try:
         content = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise DataError(f"text file {path} not found: fix data-dir (or test-data)") from None
+        raise HolderDataError(f"text file {path} not found: fix data-dir (or test-data)") from None
     except IsADirectoryError:
-        raise DataError(
+        raise HolderDataError(
             f"{path} is a folder: a text-file source is one .csv or label<TAB>text file"
         ) from None
     except UnicodeDecodeError as err:
-        raise DataError(
+        raise HolderDataError(
             f"{path}: not UTF-8 text (byte {err.start}: {err.reason}): re-save it as UTF-8"
         ) from None
     if path.suffix.lower() == ".csv":
@@ -124,16 +138,16 @@ def read_text_file(
     labels: list[int] = []
     for line_no, label, text in records:
         if label not in index:
-            raise DataError(
+            raise HolderDataError(
                 f"{path}:{line_no}: label {label!r} is not one of the federation's classes "
                 f"{list(classes)}: fix the record, or ask the operator to declare it"
             )
         if not text.strip():
-            raise DataError(f"{path}:{line_no}: empty text: fix or remove the record")
+            raise HolderDataError(f"{path}:{line_no}: empty text: fix or remove the record")
         texts.append(text)
         labels.append(index[label])
     if not texts:
-        raise DataError(f"text file {path} holds no records: add some, or fix the path")
+        raise HolderDataError(f"text file {path} holds no records: add some, or fix the path")
     _log_counts(path, labels, classes)
     return texts, np.asarray(labels, dtype=np.int64)
 
@@ -145,7 +159,7 @@ def _csv_records(
     header = reader.fieldnames or []
     for column in (label_column, text_column):
         if column not in header:
-            raise DataError(
+            raise HolderDataError(
                 f"{path}: no column {column!r} in the header {header}: name the columns "
                 f"{label_column!r} and {text_column!r} (or pass --label-column/--text-column)"
             )
@@ -162,7 +176,7 @@ def _tab_records(path: Path, content: str) -> list[tuple[int, str, str]]:
             continue
         label, sep, text = line.partition("\t")
         if not sep:
-            raise DataError(
+            raise HolderDataError(
                 f"{path}:{line_no}: expected 'label<TAB>text' (or name the file .csv with a header)"
             )
         records.append((line_no, label.strip(), text))
@@ -189,7 +203,7 @@ def holder_path(data_dir: Path, partition_id: int, source: str) -> Path:
     for suffix in TEXT_SUFFIXES:
         if base.with_suffix(suffix).is_file():
             return base.with_suffix(suffix)
-    raise DataError(
+    raise HolderDataError(
         f"client {partition_id}'s text file not found (looked for {base}.csv, .tsv, .txt): "
         "put one file per client in data-dir"
     )

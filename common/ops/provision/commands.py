@@ -67,10 +67,14 @@ def superlink_command(
 
 
 def supernode_node_config(
-    bundle: ClientBundle, num_partitions: int, state_dir: Path | str | None = None
+    bundle: ClientBundle,
+    num_partitions: int,
+    state_dir: Path | str | None = None,
+    encrypted_data_dir: Path | str | None = None,
 ) -> str:
-    """The ``--node-config`` string the fedvault ClientApp reads (TOML values, quoted)."""
-    items = {
+    """The ``--node-config`` string the fedvault ClientApp reads (TOML values, quoted);
+    ``encrypted_data_dir``: where this holder's own ``partition-<i>.fvd`` is."""
+    items: dict[str, object] = {
         "partition-id": bundle.partition_id,
         "num-partitions": num_partitions,
         "key-dir": str(bundle.identity_dir),
@@ -78,6 +82,8 @@ def supernode_node_config(
     }
     if state_dir is not None:
         items["state-dir"] = str(state_dir)
+    if encrypted_data_dir is not None:
+        items["encrypted-data-dir"] = str(encrypted_data_dir)
     return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items())
 
 
@@ -89,6 +95,7 @@ def supernode_command(
     runtime_port: int | str = DEFAULT_SUPERNODE_RUNTIME_PORT,
     state_dir: Path | str | None = None,
     isolation: str | None = None,
+    encrypted_data_dir: Path | str | None = None,
 ) -> list[str]:
     """``flower-supernode`` over TLS (trusting only the federation's CA), authenticated.
 
@@ -102,7 +109,8 @@ def supernode_command(
         "--superlink", superlink_address,
         "--root-certificates", str(bundle.ca_cert),
         "--auth-supernode-private-key", str(bundle.auth_private_key),
-        "--node-config", supernode_node_config(bundle, num_partitions, state_dir),
+        "--node-config",
+        supernode_node_config(bundle, num_partitions, state_dir, encrypted_data_dir),
         "--port", str(runtime_port),
         *extra,
     ]  # fmt: skip

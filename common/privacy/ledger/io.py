@@ -9,10 +9,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from common.privacy.findings import Finding, where
+from common.rundir import RunDir
 
 from .entry import LedgerEntry, LedgerError
 
-LEDGER_FILE = "ledger.jsonl"
+LEDGER_FILE = RunDir.LEDGER  # a run directory's copy of every chain
 
 
 def parse_ledger(text: str) -> tuple[list[LedgerEntry], list[Finding]]:
