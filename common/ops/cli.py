@@ -230,8 +230,9 @@ def _prepare_own_data(args: argparse.Namespace, classes: tuple[str, ...]) -> int
     for name, count in counts.items():
         print(f"  {name:>16s} {count:7d}")
     target = write_share(Path(args.out).expanduser(), identity, share)
-    print(f"encrypted for data key {identity.ids.data} to {target}; point the SuperNode's "
-          f"node config encrypted-data-dir at {target.parent}")  # fmt: skip
+    print(f"encrypted for data key {identity.ids.data} to {target}; start your SuperNode "
+          f"with FEDVAULT_DATA_DIR={target.parent.resolve()} start-supernode.sh (node config "
+          "encrypted-data-dir)")  # fmt: skip
     return 0
 
 

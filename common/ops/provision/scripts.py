@@ -4,8 +4,9 @@ Each script resolves paths from its own location (``$HERE``), so a bundle keeps 
 after it is copied: the bundles of :mod:`.layout` are rooted at the literal ``$HERE`` and
 passed to the same builders the Python harness runs, and each argument is written as a
 shell word. Arguments holding a ``$`` are the script's own variables (``$HERE``, ``$PORT``,
-``$$``, ``${FEDVAULT_SUPERLINK:-...}``) and are double-quoted so the shell expands them;
-every other argument is quoted literally (``shlex.quote``, as ``shlex.join`` does).
+``$$``, ``${FEDVAULT_SUPERLINK:-...}``, ``${FEDVAULT_DATA_DIR:-}``) and are double-quoted so
+the shell expands them; every other argument is quoted literally (``shlex.quote``, as
+``shlex.join`` does).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ HERE = Path("$HERE")
 _HERE = 'HERE="$(cd "$(dirname "$0")" && pwd)"'
 #: Lets the operator point a copied bundle at another address without re-provisioning.
 _ADDRESS = "${{FEDVAULT_SUPERLINK:-{}}}"
+#: Where this holder's ``partition-<i>.fvd`` is (``fedvault data prepare --out``), if set.
+_DATA_DIR = "${FEDVAULT_DATA_DIR:-}"
 
 
 def _word(arg: str) -> str:
@@ -98,6 +101,8 @@ def write_scripts(fed: Federation) -> None:
             runtime_port="$PORT",
             state_dir=here.state_dir,
             isolation="process",
+            # the holder's own encrypted partition; empty: the run config's path, as before
+            encrypted_data_dir=_DATA_DIR,
         )
         _script(
             c.start_script,
@@ -107,7 +112,8 @@ def write_scripts(fed: Federation) -> None:
             "# starts the ClientApps whose FAB hash is in approved-apps.txt and refuses the\n"
             "# rest. The two stop together: the launcher exits when the SuperNode (this\n"
             "# script's pid, after exec) does, and stops it if it fails itself.\n"
-            "# Usage: start-supernode.sh [--port RUNTIME_PORT] [flower-supernode flags]\n",
+            "# Usage: [FEDVAULT_DATA_DIR=<your encrypted partition's dir>] start-supernode.sh\n"
+            "#        [--port RUNTIME_PORT] [flower-supernode flags]\n",
             shell_words(["mkdir", "-p", str(here.state_dir)]),
             f"PORT={DEFAULT_SUPERNODE_RUNTIME_PORT}",
             'if [ "${1:-}" = "--port" ]; then PORT="$2"; shift 2; fi',
