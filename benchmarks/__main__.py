@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-SUITES = ["crypto", "dp", "simulation", "scale", "deployment"]
+SUITES = ["crypto", "dp", "simulation", "scale", "deployment", "gpu"]
 
 
 def main() -> None:

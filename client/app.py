@@ -36,6 +36,7 @@ from common.config import RunConfig
 from common.crypto import CryptoError, Identity
 from common.data import DataError, DataSpec, Partition, encrypted, load_partition
 from common.data.own import HolderDataError
+from common.devices import to_device
 from common.evaluation import evaluate
 from common.federation_keys import load_own
 from common.logs import configure_logging
@@ -75,14 +76,14 @@ def train(msg: Message, context: Context) -> Message:
         return _refuse(msg, pid, server_round, P.DATA_UNUSABLE, err)
     policy = holder.policy(cfg, context)
     if not cfg.dp:
-        return _train_without_dp(msg, cfg, data, policy, pid, server_round)
+        return _train_without_dp(msg, context, cfg, data, policy, pid, server_round)
     path = _state_path(cfg, context, policy)
     with exclusive(path):  # one round at a time per holder, whatever run asks
         return _train_dp(msg, context, cfg, data, policy, pid, server_round, path)
 
 
-def _train_without_dp(msg: Message, cfg: RunConfig, data: Partition, policy: PrivacyPolicy,
-                      pid: int, server_round: int) -> Message:  # fmt: skip
+def _train_without_dp(msg: Message, context: Context, cfg: RunConfig, data: Partition,
+                      policy: PrivacyPolicy, pid: int, server_round: int) -> Message:  # fmt: skip
     """Baselines, for holders whose policy allows them (``require-dp = false``)."""
     try:
         policy.check_no_dp()
@@ -91,7 +92,8 @@ def _train_without_dp(msg: Message, cfg: RunConfig, data: Partition, policy: Pri
     model = _model(cfg, data, msg)
     started = time.perf_counter()
     result = train_local(model, data.train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
-                         learning_rate=cfg.learning_rate, momentum=cfg.momentum)  # fmt: skip
+                         learning_rate=cfg.learning_rate, momentum=cfg.momentum,
+                         device=holder.device(context))  # fmt: skip
     log.info("partition %d, round %d: no DP; not sent: train loss %.4f, trained in %.3f s",
              pid, server_round, result.train_loss, time.perf_counter() - started)  # fmt: skip
     weight = policy.declared_examples or len(data.train)
@@ -123,6 +125,7 @@ def _train_dp(msg: Message, context: Context, cfg: RunConfig, data: Partition,
         learning_rate=cfg.learning_rate, momentum=cfg.momentum,
         dp=DPSettings(plan.noise_multiplier, plan.max_grad_norm, plan.sample_rate,
                       plan.steps_per_epoch, policy.accountant, cfg.grad_sample_mode),
+        device=holder.device(context),
     )  # fmt: skip
     assert result.mechanism is not None
     seconds = time.perf_counter() - started
@@ -179,7 +182,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
             "this holder keeps no test records (its own data all trains): the server "
             "evaluates on its test-data; set fraction-evaluate = 0"
         ))  # fmt: skip
-    result = evaluate(_model(cfg, data, msg), data.test)
+    device = holder.device(context)
+    result = evaluate(_model(cfg, data, msg).to(device), to_device(data.test, device))
     metrics = MetricRecord(
         {
             P.NUM_EXAMPLES: result.num_examples,

@@ -2,9 +2,10 @@
 
 Deployment: the SuperNode's node config (written by the holder) names ``key-dir`` (its
 identity), ``server-public`` (the server key it pins), ``policy`` (its privacy policy file;
-default ``<key-dir>/policy.toml``) and ``state-dir`` (its privacy state; default
-``<key-dir>/state``). Simulation: every simulated holder lives in ``<keys-dir>/client-<i>/``
-(identity, ``policy.toml``, ``state/``), made by ``fedvault simulate``; there the run config's
+default ``<key-dir>/policy.toml``), ``state-dir`` (its privacy state; default
+``<key-dir>/state``) and ``device`` (``auto``, ``cpu``, ``cuda[:i]``; default ``auto``).
+Simulation: every simulated holder lives in ``<keys-dir>/client-<i>/`` (identity,
+``policy.toml``, ``state/``), made by ``fedvault simulate``; there the run config's
 ``keys-dir`` is the one place the federation is named, because all parties are one user.
 """
 
@@ -14,10 +15,12 @@ import logging
 from functools import cache
 from pathlib import Path
 
+import torch
 from flwr.app import Context
 
 from common.config import ConfigError, RunConfig
 from common.crypto import Identity, PublicIdentity
+from common.devices import pick_device
 from common.federation_keys import client_dir, server_dir
 from common.privacy.policy import POLICY_FILE, PrivacyPolicy
 
@@ -80,6 +83,19 @@ def policy(cfg: RunConfig, context: Context) -> PrivacyPolicy:
         return _policy(str(directory / POLICY_FILE))
     _warn_default_policy()
     return PrivacyPolicy()
+
+
+def device(context: Context) -> torch.device:
+    """Where this holder trains: node config ``device`` (``auto``: a GPU if this client was
+    given one, else the CPU; see :mod:`common.devices`)."""
+    return _device(str(context.node_config.get("device", "auto")))
+
+
+@cache
+def _device(preference: str) -> torch.device:
+    chosen = pick_device(preference)
+    log.info("training and evaluating on %s", chosen)
+    return chosen
 
 
 def state_dir(cfg: RunConfig, context: Context) -> Path | None:

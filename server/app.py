@@ -26,6 +26,7 @@ from common import federation_keys
 from common.config import OWN_DATA_SOURCES, ConfigError, RunConfig
 from common.crypto import CryptoError
 from common.data import DataError, DataSpec, load_raw_cached, load_test_set
+from common.devices import pick_device, to_device
 from common.files import write_json_atomic
 from common.logs import configure_logging, user_error_line
 from common.metrics import evaluate_with_metrics
@@ -112,6 +113,12 @@ def _run(grid: Grid, context: Context) -> None:
         min_evaluate_nodes=cfg.min_train_nodes,
         min_available_nodes=cfg.min_train_nodes,
     )
+
+    # a GPU if the ServerApp's process sees one (common.devices): the test set goes once
+    device = pick_device()
+    model.to(device)
+    test_set = to_device(test_set, device)
+    log.info("central evaluation on %s", device)
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         eval_started = time.perf_counter()
