@@ -56,6 +56,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             num_clients=args.num_clients,
             output_dir=Path(args.output_dir) if args.output_dir else None,
             verbose=args.verbose,
+            ray_address=args.ray_address,
         )
     except RunCancelled as cancelled:
         print(f"fedvault: {cancelled}", file=sys.stderr)
@@ -388,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key"
     )
+    sim.add_argument(
+        "--ray-address", metavar="HOST:PORT",
+        help="run the clients on this existing Ray cluster (default: $RAY_ADDRESS, else a "
+        "local Ray of the run's own); see docs/scale.md",
+    )  # fmt: skip
     sim.set_defaults(func=cmd_simulate)
 
     lst = sub.add_parser("scenarios", help="list the scenarios in simulations/")

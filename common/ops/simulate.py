@@ -17,17 +17,31 @@ Ctrl-C (SIGINT) or SIGTERM cancels a run: it is stopped in Flower (``flwr stop``
 simulation process that ran it and everything under it (Ray, the ClientApps) is ended, and
 what it finished is kept and marked cancelled (``CANCELLED`` in the run dir and
 ``summary.cancelled`` in ``metrics.json``); :class:`RunCancelled` says so.
+
+``--ray-address HOST:PORT`` (or ``RAY_ADDRESS``) runs the ClientApp actors on an existing
+Ray cluster instead of a Ray started for the run (docs/scale.md). The address reaches the
+process that calls ``ray.init`` (Flower's ``flwr-simulation``, under the SuperLink) through
+the SuperLink's environment; a SuperLink started with another address is restarted when idle
+and refused while it runs something. Without an address the run starts its own local Ray
+(``RAY_ADDRESS=local``: never a cluster that ``ray start`` left on this machine). Resources
+per client come from the scenario's ``[federation]`` (``client-resources-num-cpus``, default
+1, and ``client-resources-num-gpus``); no CPU or GPU count is passed to ``ray.init``. After a
+cluster run its actors per node, and the nodes that died, are written to the run dir's
+``ray-cluster.json``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import queue
+import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -57,6 +71,12 @@ PORT_BASE, PORT_STEP, PORT_SLOTS = 29200, 4, 700
 CANCEL_GRACE_S = 8.0  # SIGTERM → SIGKILL for the run's processes
 RUN_ID_WAIT_S = 20.0  # a cancel before `flwr run` named the run waits this long for its id
 PID_WAIT_S = 30.0  # ... and this long for the ServerApp's process to show itself
+RAY_CONNECT_TIMEOUT_S = 5.0  # a Ray cluster's GCS must answer a TCP connect this fast
+RAY_RECORD_TIMEOUT_S = 60.0  # reading a cluster's actors for ray-cluster.json, at most
+RAY_CLUSTER_FILE = "ray-cluster.json"
+DEATH_MESSAGE = re.compile(r'error_message: "((?:[^"\\]|\\.)*)"')  # in an actor's DeathCause
+#: Resources per client taken from a scenario's [federation] (Flower's federation options).
+CLIENT_RESOURCE_KEYS = ("client-resources-num-cpus", "client-resources-num-gpus")
 
 
 class SimulationError(RuntimeError):
@@ -258,6 +278,172 @@ def process_tree(root: int) -> list[int]:
     return [p for p in tree if _alive(p)]
 
 
+# -- an existing Ray cluster -----------------------------------------------------------------
+def resolve_ray_address(given: str | None) -> str | None:
+    """The Ray cluster a run uses: ``--ray-address``, else ``$RAY_ADDRESS``; None (or
+    ``local``) for a Ray of the run's own. A ``HOST:PORT`` must accept a TCP connection within
+    RAY_CONNECT_TIMEOUT_S, checked here so that a wrong address fails in one line, not in a
+    hang inside the simulation."""
+    source = "--ray-address" if given else "RAY_ADDRESS"
+    address = (given or os.environ.get("RAY_ADDRESS") or "").strip()
+    if address in ("", "local"):
+        return None
+    if address == "auto":
+        return address  # Ray resolves it (the cluster `ray start` last started here)
+    if address.startswith("ray://"):
+        raise ConfigError(
+            f"{source} {address} is a Ray Client address, which Flower's simulation does not "
+            "use: pass the cluster's GCS address HOST:PORT (`ray start --head` prints it)"
+        )
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"{source} {address!r} is not HOST:PORT (e.g. 10.0.0.5:6379)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), RAY_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as err:
+        reason = err.strerror or one_line(err) or type(err).__name__
+        raise ConfigError(
+            f"no Ray cluster answers at {address} ({source}: {reason}): start one with "
+            f"`ray start --head --port {port}` on {host}, or fix {source}"
+        ) from None
+    return address
+
+
+def federation_config(scenario: Scenario, supernodes: int) -> str:
+    """Flower's ``--federation-config``: the SuperNodes and the resources per client from the
+    scenario's ``[federation]`` (the Ray cluster's size is the cluster's, not the run's)."""
+    resources = {"client-resources-num-cpus": 1}
+    for key in CLIENT_RESOURCE_KEYS:
+        if key in scenario.federation:
+            value = scenario.federation[key]
+            if type(value) not in (int, float) or value < 0:
+                raise ConfigError(
+                    f"scenario {scenario.path}: [federation] {key} = {value!r} is not a "
+                    "number ≥ 0"
+                )
+            resources[key] = value
+    return " ".join(f"{k}={v}" for k, v in {"num-supernodes": supernodes, **resources}.items())
+
+
+def _process_env(pid: int) -> dict[str, str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
+    return {k: v for k, _, v in pairs}
+
+
+def _ray_name(address: str | None) -> str:
+    return f"RAY_ADDRESS={address}" if address and address != "local" else "a Ray of its own"
+
+
+def check_superlink_ray(env: dict[str, str]) -> None:
+    """This environment's running SuperLink must hand the run's Ray address to the simulation
+    it starts (it passes on its own environment, not this run's): one started with another
+    address is stopped when idle (``flwr run`` starts a new one), refused when busy."""
+    want = env.get("RAY_ADDRESS")
+    for pid in local_superlink_pids(env["FLWR_HOME"]):
+        have = (_process_env(pid) or {}).get("RAY_ADDRESS")
+        if have == want:
+            continue
+        busy = [p for p in process_tree(pid) if "flwr-simulation" in " ".join(_cmdline(p)[:2])]
+        if busy:
+            raise SimulationError(
+                f"this environment's SuperLink (pid {pid}) is running a simulation on "
+                f"{_ray_name(have)}, this run asks for {_ray_name(want)}: wait for that run, "
+                "or give this one its own SuperLink (FEDVAULT_FLWR_HOME and "
+                "FEDVAULT_SUPERLINK_PORT)"
+            )
+        log.info("restarting this environment's SuperLink (pid %d): it was started with %s, "
+                 "this run uses %s", pid, _ray_name(have), _ray_name(want))  # fmt: skip
+        _terminate([pid], CANCEL_GRACE_S)
+
+
+def cluster_record(address: str, since: float, timeout: float = RAY_RECORD_TIMEOUT_S) -> dict:
+    """The cluster's nodes and the ClientApp actors started since ``since`` (epoch s), per
+    node, read from Ray's GCS (no dashboard needed) in a child process bounded by
+    ``timeout`` (a cluster that stopped answering cannot hang the run's end)."""
+    code = ("import json, sys; from common.ops.simulate import _read_cluster; "
+            "print(json.dumps(_read_cluster(sys.argv[1], float(sys.argv[2]))))")  # fmt: skip
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, address, str(since)], capture_output=True, text=True,
+            timeout=timeout, cwd=PROJECT_ROOT, env={**os.environ, "RAY_ADDRESS": address},
+            check=False,
+        )  # fmt: skip
+        lines = done.stdout.strip().splitlines()
+        if done.returncode == 0 and lines:
+            return json.loads(lines[-1])
+        error = one_line(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "")
+    except subprocess.TimeoutExpired:
+        error = f"no answer in {timeout:.0f}s"
+    return {"address": address, "error": f"could not read the cluster: {error}"}
+
+
+def _read_cluster(address: str, since: float) -> dict:
+    """(In a child process) nodes and ClientAppActor actors from the cluster's GCS."""
+    import ray
+    from ray._private.state import state
+
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    try:
+        nodes = {
+            n["NodeID"]: {
+                "node_id": n["NodeID"], "alive": bool(n["Alive"]),
+                "head": "node:__internal_head__" in n.get("Resources", {}),
+                "address": n.get("NodeManagerAddress"),
+                "resources": {k: v for k, v in n.get("Resources", {}).items()
+                              if not k.startswith("node:")},
+                "actors": [],
+            }
+            for n in ray.nodes()
+        }  # fmt: skip
+        for actor in state.actor_table(None).values():
+            if actor.get("ActorClassName") != "ClientAppActor":
+                continue
+            if float(actor.get("StartTime") or 0) / 1000 < since:
+                continue
+            node = (actor.get("Address") or {}).get("NodeID")
+            entry = nodes.setdefault(node, {"node_id": node, "alive": None, "actors": []})
+            cause = DEATH_MESSAGE.search(str(actor.get("DeathCause") or ""))
+            death = cause.group(1).encode().decode("unicode_escape") if cause else ""
+            entry["actors"].append({
+                "actor_id": actor["ActorID"], "pid": actor.get("Pid"),
+                "state": actor.get("State"), "restarts": int(actor.get("NumRestarts") or 0),
+                **({"death": one_line(death)[:300]} if death else {}),
+            })  # fmt: skip
+    finally:
+        ray.shutdown()
+    lost = [n["node_id"] for n in nodes.values() if n["alive"] is False and n["actors"]]
+    return {"address": address, "nodes": list(nodes.values()), "nodes_lost": lost}
+
+
+def cluster_summary(record: dict) -> str:
+    """One line: ClientApp actors per node (head/worker, alive or lost)."""
+    if "error" in record:
+        return f"ray cluster {record['address']}: {record['error']}"
+    parts = []
+    for n in record["nodes"]:
+        role = "head" if n.get("head") else "worker"
+        status = "" if n["alive"] is not False else ", LOST"
+        parts.append(f"node {str(n['node_id'])[:12]} ({role}{status}): {len(n['actors'])}")
+    return f"ray cluster {record['address']}: ClientApp actors per node: " + "; ".join(parts)
+
+
+def _record_cluster(address: str, since: float, run_dir: Path | None) -> None:
+    """Write ``ray-cluster.json`` into the run dir (when there is one) and log its line."""
+    record = cluster_record(address, since)
+    line = cluster_summary(record)
+    log.info("%s", line)
+    sys.stderr.write(f"fedvault: {line}\n")
+    if run_dir is not None:
+        with contextlib.suppress(OSError):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / RAY_CLUSTER_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
 # -- checks before launch ----------------------------------------------------------------------
 def build_run_config(
     scenario: Scenario, overrides: dict[str, Any], output_dir: Path | None
@@ -400,9 +586,11 @@ def run_scenario(
     num_clients: int | None = None,
     output_dir: Path | None = None,
     verbose: bool = False,
+    ray_address: str | None = None,
 ) -> SimulationResult:
     """Run ``scenario`` to completion; raise :class:`SimulationError` if it left no results,
-    :class:`RunCancelled` on SIGINT/SIGTERM."""
+    :class:`RunCancelled` on SIGINT/SIGTERM. ``ray_address`` (else ``$RAY_ADDRESS``): run the
+    ClientApps on that Ray cluster (:func:`resolve_ray_address`)."""
     try:
         flwr = flower.flwr_executable()
     except FlowerMissingError as err:
@@ -417,10 +605,14 @@ def run_scenario(
             f"{supernodes} clients but min-train-nodes={min_nodes}: raise --num-clients or "
             f"--set min-train-nodes={supernodes}"
         )
+    cluster = resolve_ray_address(ray_address)
+    federation = federation_config(scenario, supernodes)
     out_dir = prepare_output_dir(Path(run_config["output-dir"]))
     preflight(run_config, supernodes)
     env = flower_env()
+    env["RAY_ADDRESS"] = cluster or "local"
     check_superlink(env)
+    check_superlink_ray(env)
     holders = simulated_holders(run_config, scenario, out_dir, supernodes)
     run_config["keys-dir"] = str(holders)
 
@@ -429,10 +621,10 @@ def run_scenario(
                                      delete=False) as f:  # fmt: skip
         tomli_w.dump(run_config, f)
         config_file = Path(f.name)
-    federation = f"num-supernodes={supernodes} client-resources-num-cpus=1"
     cmd = [flwr, "run", str(PROJECT_ROOT), "--stream", "--run-config", str(config_file),
            "--federation-config", federation]  # fmt: skip
-    log.info("scenario %s: %d clients; %s", scenario.name, supernodes, " ".join(cmd))
+    log.info("scenario %s: %d clients on %s; %s", scenario.name, supernodes,
+             _ray_name(cluster), " ".join(cmd))  # fmt: skip
     log_file = out_dir / f"simulation-{stamp}.log"
     started = time.time()
     stream: _Stream | None = None
@@ -451,6 +643,8 @@ def run_scenario(
         config_file.unlink(missing_ok=True)
     seconds = time.time() - started
     run_id = stream.run_id
+    if cluster is not None:
+        _record_cluster(cluster, started, out_dir / run_id if run_id else None)
     if stream.user_error:
         _keep_log(log_file, out_dir, run_id)
         raise AppError(stream.user_error)
