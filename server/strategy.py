@@ -1,16 +1,36 @@
-"""FedAvg with reproducible client sampling and a per-client record of every round.
+"""FedAvg with seeded client sampling and a per-client record of every round.
 
-Flower's FedAvg samples with the global ``random`` module over node ids, which are random
-per run, so the same seed would not pick the same clients twice. Here nodes are first
-mapped to the partition they hold (a QUERY message, answered by the ClientApp), then
-sampled by partition id with an RNG seeded from ``(seed, round)``. Aggregation itself is
-Flower's FedAvg, untouched; we only read the replies on the way in.
+Sampling draws nodes, not partitions: each round orders the connected node ids (sorted) by
+an RNG seeded from ``(seed, purpose, round)`` and takes the first ``max(fraction × nodes,
+minimum)``. Only the nodes drawn are asked which partition they hold (a QUERY message,
+answered by the ClientApp; a node is asked once per run, its answer kept), so round 1 costs
+one query per *sampled* client, not one per node of the federation (10,000 nodes: ~130 s of
+queries in Flower's simulation engine before, a few ms now). A drawn node that does not
+answer (offline, or refusing this app: see docs/deploy.md) is left out of the round and
+replaced by the next node in the round's order, so the round keeps its size while nodes
+remain; it is asked again the next time it is drawn. The round's record names partitions,
+the sealer binds every envelope to the node's partition: both read ``partition_of``, which
+holds every node the round sends to.
+
+Reproducibility, honestly: the draw is a pure function of the seed and the set of node
+ids. Flower 1.42's simulation engine registers its nodes with random 64-bit ids
+(``LinkState.create_node``) and gives partition ``i`` to the ``i``-th node it registered
+(``vce_api._register_nodes``); the ServerApp sees neither the order nor that mapping. So in
+a simulation the same seed picks *different partitions* each run: the sampled partitions
+are not reproducible across simulation runs (the model, accuracy and ε then differ
+slightly between runs). They are in a deployment whose SuperLink keeps its node ids (the
+same nodes, a persistent SuperLink database). Sampling partitions reproducibly would need
+the node → partition map of every node, i.e. a query per node of the federation before
+round 1 -- the cost this design removes. Every round's record names the partitions it
+sampled, so what a run did is always known after the fact. Aggregation itself is Flower's
+FedAvg, untouched; we only read the replies on the way in.
 
 Each round's ``timing`` in metrics.json is measured here (train and evaluate phases,
 aggregation) and in the ServerApp (central evaluation): a phase runs from the strategy
 building its messages, through Flower's ``send_and_receive``, to its aggregation being done.
-The train phase starts once the round's nodes are sampled, so waiting for the first nodes
-and partition discovery count as the run's start-up, not as round 1.
+The train phase starts once the round's nodes are sampled (and asked their partition), so
+waiting for the first nodes and the partition queries count as the run's start-up in round 1
+and as the gap between rounds later.
 """
 
 from __future__ import annotations
@@ -41,7 +61,8 @@ class RunAborted(RuntimeError):
 
 
 class RecordingFedAvg(FedAvg):
-    """FedAvg that samples by partition id and records what each client reports."""
+    """FedAvg that samples nodes by seed, asks only those their partition, and records
+    what each client reports."""
 
     def __init__(self, *, seed: int, record: RunRecord, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
@@ -95,16 +116,31 @@ class RecordingFedAvg(FedAvg):
     def _sample(
         self, grid: Grid, server_round: int, fraction: float, minimum: int, purpose: str
     ) -> list[int]:
-        """Pick ``max(fraction × nodes, minimum)`` nodes, reproducibly for the seed, among the
-        nodes that said which partition they hold."""
+        """``max(fraction × nodes, minimum)`` nodes in the seeded order of this round, each
+        of which said which partition it holds; drawn nodes that do not answer are replaced
+        by the next ones in the order (see the module docstring)."""
         nodes = self._wait_for_nodes(grid, max(minimum, self.min_available_nodes))
-        self._discover(grid, nodes)
-        by_partition = {self.partition_of[n]: n for n in nodes if n in self.partition_of}
-        size = min(max(int(len(by_partition) * fraction), minimum), len(by_partition))
+        size = min(max(int(len(nodes) * fraction), minimum), len(nodes))
         rng = random.Random(f"{self.seed}/{purpose}/{server_round}")
-        chosen = sorted(rng.sample(sorted(by_partition), size))
-        log.info("round %d: %s sampled partitions %s", server_round, purpose, chosen)
-        return [by_partition[p] for p in chosen]
+        order = rng.sample(nodes, len(nodes))
+        chosen: list[int] = []
+        taken: set[int] = set()
+        drawn = 0
+        while len(chosen) < size and drawn < len(order):
+            batch = order[drawn : drawn + size - len(chosen)]
+            drawn += len(batch)
+            self._discover(grid, server_round, batch)
+            for n in batch:  # two nodes claiming one partition: the first drawn counts
+                if n in self.partition_of and self.partition_of[n] not in taken:
+                    chosen.append(n)
+                    taken.add(self.partition_of[n])
+        if len(chosen) < size:
+            log.warning("round %d: %s: only %d of %d nodes answered the partition query",
+                        server_round, purpose, len(chosen), size)  # fmt: skip
+        chosen.sort(key=self.partition_of.__getitem__)
+        log.info("round %d: %s sampled partitions %s", server_round, purpose,
+                 [self.partition_of[n] for n in chosen])  # fmt: skip
+        return chosen
 
     @staticmethod
     def _wait_for_nodes(grid: Grid, minimum: int) -> list[int]:
@@ -113,10 +149,10 @@ class RecordingFedAvg(FedAvg):
             time.sleep(NODE_WAIT_POLL_S)
         return nodes
 
-    def _discover(self, grid: Grid, nodes: list[int]) -> None:
-        """Ask nodes we have not seen yet which partition they hold. A node that does not
-        answer (offline, or refusing this app: see docs/deploy.md) is left out of this
-        round's sampling and asked again next round; the run goes on with the others."""
+    def _discover(self, grid: Grid, server_round: int, nodes: list[int]) -> None:
+        """Ask the drawn nodes we have not heard from yet which partition they hold (one
+        query each, all sent at once). A node that does not answer stays unknown: it is left
+        out of this draw and asked again when it is next drawn."""
         unknown = [n for n in nodes if n not in self.partition_of]
         if not unknown:
             return
@@ -132,8 +168,9 @@ class RecordingFedAvg(FedAvg):
         missing = [n for n in unknown if n not in self.partition_of]
         if missing:
             log.warning("nodes %s did not answer the partition query: left out", missing)
-        log.info("partitions by node: %s", {n: self.partition_of[n] for n in unknown
-                                            if n in self.partition_of})  # fmt: skip
+        log.info("round %d: asked %d node(s); partitions by node: %s", server_round,
+                 len(unknown), {n: self.partition_of[n] for n in unknown
+                                if n in self.partition_of})  # fmt: skip
 
     # -- replies -------------------------------------------------------------------------
     def _accept(self, server_round: int, purpose: str, replies: Iterable[Message]) -> list[Message]:
