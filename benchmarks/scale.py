@@ -1,16 +1,22 @@
-"""Scale: 100 and 1000 simulated clients, 10 sampled per round (``--quick``: 20 and 100 on
-digits, offline), IID and Dirichlet partitions. Per setting one ``fedvault simulate`` run:
-the partition discovery of round 1, round 1, the steady rounds, the clients' own training
-time, and the peak memory of the whole process tree (``fedvault simulate`` and every
+"""Scale: 100, 1000 and 10,000 simulated clients, 10 sampled per round (``--quick``: 20 and
+100 on digits, offline), IID and Dirichlet partitions. Per setting one ``fedvault simulate``
+run: when round 1 starts after the ServerApp does (the server asks only the sampled nodes
+their partition, see server/strategy.py), round 1, the steady rounds, the clients' own
+training time, and the peak memory of the whole process tree (``fedvault simulate`` and every
 descendant, plus the detached local SuperLink with its SuperExec, the simulation's Ray
 driver, Ray's services and actors), sampled every 0.5 s.
 
 What is compared: the per-client configuration is the same for every N (batch size 16, one
 local epoch, DP at the scenario's ε), so a client of the N=1000 federation has a tenth of the
-data of one of N=100 (MNIST: 60 vs 600 examples, 4 vs 38 DP-SGD steps a round). A round's
+data of one of N=100 (MNIST: 600, 60 and 6 examples at N=100, 1000, 10,000: 38, 4 and 1
+DP-SGD steps a round; at 10,000 a client's one Poisson batch is its whole partition, q=1). A round's
 work grows with the *sampled* clients (10 for every N); what grows with the *total* clients
 is overhead -- that is what the ratios show. The clients' median training seconds are
 printed beside the round times so the per-client work is visible.
+
+``FEDVAULT_SCALE=iid:1000,10000`` (partitionings, then client counts) runs only those
+settings, e.g. to measure 10,000 without the Dirichlet runs; ratios compare each N with the
+next smaller one run.
 
 Each run gets its own ``FLWR_HOME`` and SuperLink port (so it never touches another
 simulation on this machine), and its SuperLink is stopped after the run.
@@ -19,6 +25,7 @@ simulation on this machine), and its SuperLink is stopped after the run.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import subprocess
@@ -49,23 +56,26 @@ from common.rundir import RunDir
 SAMPLED = 10
 BATCH_SIZE = 16
 ROUNDS, QUICK_ROUNDS = 4, 3
-FULL = {"dataset": "mnist", "clients": (100, 1000),
+FULL = {"dataset": "mnist", "clients": (100, 1000, 10_000),
         "scenarios": {"iid": "mnist-iid-dp", "dirichlet": "mnist-dirichlet-dp"}}  # fmt: skip
 QUICK = {"dataset": "digits", "clients": (20, 100),
          "scenarios": {"iid": "digits-dp", "dirichlet": "digits-dp"}}  # fmt: skip
 ROUND_1 = re.compile(r"\[ROUND 1/")
 DISCOVERED = re.compile(r"partitions by node: ")
+SERVER_APP = re.compile(r"fedvault\.server: run \d+: results in")
+ROUND_1_SAMPLED = re.compile(r"round 1: train sampled partitions")
 EVENTS = {  # output lines whose arrival times are kept (seconds after the command started)
     "run started": r"Successfully started run",
     "ServerApp started": r"fedvault\.server: run \d+: results in",
     "initial evaluation done": r"Initial global evaluation results",
     "round 1 begins (discovery starts)": r"\[ROUND 1/",
     "partitions discovered": r"partitions by node: ",
+    "round 1 starts (train sampled)": r"round 1: train sampled partitions",
     "round 1 done": r"fedvault\.server: round 1/",
     "last round done": r"Strategy execution finished",
 }
 DIRICHLET_ALPHA = 0.5  # the scenario's; the partition check below also tries smaller ones
-RUN_TIMEOUT_S = 1800
+RUN_TIMEOUT_S = 3600
 
 
 def overrides(n: int, partitioning: str, rounds: int, data_dir: str) -> list[str]:
@@ -179,6 +189,8 @@ def summarise(metrics: dict[str, Any], lines: list[tuple[float, str]],
     # The partition query goes to every node between "[ROUND 1/R]" and the line that lists
     # what they answered; both lines come through the same log stream (about 0.5 s jitter).
     discovery = None if round_1 is None or found is None else found - round_1
+    server_app, sampled_1 = _first(lines, SERVER_APP), _first(lines, ROUND_1_SAMPLED)
+    round_1_start = None if server_app is None or sampled_1 is None else sampled_1 - server_app
     train = client_train_seconds("".join(line for _, line in lines), from_round=2)
     examples = [c["num_examples"] for r in rounds for c in r["clients"]]
     seen: set[int] = set()
@@ -192,6 +204,11 @@ def summarise(metrics: dict[str, Any], lines: list[tuple[float, str]],
         "server_seconds": metrics["summary"].get("wall_seconds"),
         "startup_seconds": metrics["summary"].get("startup_s"),
         "discovery_seconds": discovery,
+        # ServerApp's first line → round 1's train messages built (nodes sampled and asked)
+        "round_1_start_after_serverapp_seconds": round_1_start,
+        "round_1_done_after_serverapp_seconds": (
+            None if round_1_start is None else round_1_start + seconds[0]
+        ),
         "round_seconds": seconds,
         "round_1_seconds": seconds[0],
         "steady_round_median_seconds": median(seconds[1:]),
@@ -282,6 +299,21 @@ def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def selection(setting: dict[str, Any]) -> tuple[dict[str, str], tuple[int, ...]]:
+    """The settings to run: all of ``setting``, or those ``FEDVAULT_SCALE`` names
+    (``iid,dirichlet:1000,10000``; either side may be left empty for all)."""
+    scenarios, clients = dict(setting["scenarios"]), tuple(setting["clients"])
+    chosen = os.environ.get("FEDVAULT_SCALE", "").strip()
+    if not chosen:
+        return scenarios, clients
+    kinds, _, counts = chosen.partition(":")
+    if kinds.strip():
+        scenarios = {k: scenarios[k] for k in (x.strip() for x in kinds.split(",")) if k}
+    if counts.strip():
+        clients = tuple(int(x.replace("_", "")) for x in counts.split(",") if x.strip())
+    return scenarios, clients
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     setting = QUICK if quick else FULL
     rounds = QUICK_ROUNDS if quick else ROUNDS
@@ -291,37 +323,42 @@ def run(quick: bool = False) -> dict[str, Any]:
             print(f"scale: no MNIST in {SHARED_DATA}; skipped (use --quick for digits)")
             return {}
         data_dir = str(SHARED_DATA)
-    small, large = setting["clients"]
+    scenarios, clients = selection(setting)
     result: dict[str, Any] = {
         "dataset": setting["dataset"],
         "rounds": rounds,
         "sampled_per_round": SAMPLED,
         "batch_size": BATCH_SIZE,
         "dirichlet_alpha": DIRICHLET_ALPHA,
+        "clients": list(clients),
         "runs": {},
     }
     print(f"scale: {setting['dataset']}, {SAMPLED} clients sampled per round, {rounds} rounds, "
-          f"batch {BATCH_SIZE}, DP on, sealed updates")  # fmt: skip
+          f"batch {BATCH_SIZE}, DP on, sealed updates; N = {', '.join(map(str, clients))}")  # fmt: skip  # noqa: E501
     with tempfile.TemporaryDirectory(prefix="fedvault-scale-") as tmp:
-        for partitioning, scenario in setting["scenarios"].items():
-            for n in (small, large):
+        for partitioning, scenario in scenarios.items():
+            for n in clients:
                 r = one_run(scenario, n, partitioning, rounds, data_dir, Path(tmp))
                 result["runs"][f"{partitioning}/{n}"] = r
-                print(f"  {partitioning} {n}: discovery {_fmt(r['discovery_seconds'])} s, "
+                print(f"  {partitioning} {n}: round 1 starts "
+                      f"{_fmt(r['round_1_start_after_serverapp_seconds'])} s after the ServerApp, "
                       f"rounds {', '.join(f'{s:.1f}' for s in r['round_seconds'])} s, "
-                      f"peak tree RSS {r['peak_tree_rss_mb']:.0f} MB, wall {r['wall_seconds']:.0f} s")  # fmt: skip  # noqa: E501
-    alphas = (0.5, 0.3, 0.1) if not quick else (0.5,)
-    result["dirichlet_partition_check"] = {
-        str(n): dirichlet_check(setting["dataset"], data_dir, n, alphas) for n in (small, large)
-    }
-    _print_table(result, small, large)
+                      f"peak tree RSS {r['peak_tree_rss_mb']:.0f} MB, wall {r['wall_seconds']:.0f} s",  # noqa: E501
+                      flush=True)  # fmt: skip
+    if "dirichlet" in scenarios:
+        alphas = (0.5, 0.3, 0.1) if not quick else (0.5,)
+        result["dirichlet_partition_check"] = {
+            str(n): dirichlet_check(setting["dataset"], data_dir, n, alphas) for n in clients
+        }
+    _print_table(result, clients)
     save("scale", result)
     return result
 
 
-def _print_table(result: dict[str, Any], small: int, large: int) -> None:
+def _print_table(result: dict[str, Any], clients: tuple[int, ...]) -> None:
     runs = result["runs"]
     cols = [  # (header, key, format)
+        ("r1 start", "round_1_start_after_serverapp_seconds", ".1f"),
         ("discov.", "discovery_seconds", ".1f"),
         ("start-up", "startup_seconds", ".1f"),
         ("round 1", "round_1_seconds", ".1f"),
@@ -334,8 +371,10 @@ def _print_table(result: dict[str, Any], small: int, large: int) -> None:
         ("PSS MB", "peak_tree_pss_mb", ".0f"),
         ("wall", "wall_seconds", ".0f"),
     ]
-    print("  seconds except where named; discov. = round 1's partition query to every node; "
-          "round 1 / steady (median of rounds 2..R) exclude it;\n  train = a client's DP-SGD "
+    print("  seconds except where named; r1 start = from the ServerApp's first line to round 1's "
+          "train messages (sampling and the partition query of the sampled nodes);\n  discov. = "
+          "round 1's partition query (sampled nodes only); round 1 / steady (median of rounds "
+          "2..R) exclude it;\n  train = a client's DP-SGD "
           "seconds (median); σ calib. = one σ calibration (PRV search), paid once per actor "
           "and plan;\n  plans = distinct (q, steps) among the clients that trained; "
           "new = first-time clients in rounds 2..R")  # fmt: skip
@@ -346,25 +385,21 @@ def _print_table(result: dict[str, Any], small: int, large: int) -> None:
         print(f"  {n:>10} {partitioning:<9} {cells}  {r['first_time_clients_per_round'][1:]}")
     ratios: dict[str, dict[str, float | None]] = {}
     for partitioning in ("iid", "dirichlet"):
-        a, b = runs.get(f"{partitioning}/{small}"), runs.get(f"{partitioning}/{large}")
-        if not a or not b:
-            continue
-        q = {k: (b[k] / a[k] if a[k] and b[k] is not None else None) for _, k, _ in cols}
-        ratios[partitioning] = q
-        cells = " ".join(f"{_fmt(q[k], '.2f') + 'x':>8}" for _, k, _ in cols)
-        print(f"  {f'{large}/{small}':>10} {partitioning:<9} {cells}")
-        a_d, b_d = a["discovery_seconds"], b["discovery_seconds"]
-        if a_d is not None and b_d is not None:
-            q["discovery_ms_per_extra_node"] = 1000 * (b_d - a_d) / (large - small)
-            print(f"  {'':>10} {partitioning:<9} discovery: "
-                  f"{q['discovery_ms_per_extra_node']:.0f} ms per extra node")  # fmt: skip
+        ran = [n for n in clients if f"{partitioning}/{n}" in runs]
+        for small, large in itertools.pairwise(ran):
+            a, b = runs[f"{partitioning}/{small}"], runs[f"{partitioning}/{large}"]
+            q = {k: (b[k] / a[k] if a[k] and b[k] is not None else None) for _, k, _ in cols}
+            ratios[f"{partitioning}/{large}/{small}"] = q
+            cells = " ".join(f"{_fmt(q[k], '.2f') + 'x':>8}" for _, k, _ in cols)
+            print(f"  {f'{large}/{small}':>10} {partitioning:<9} {cells}")
     result["ratios"] = ratios
     print("  peak RSS by process kind (MB):")
     for key, r in runs.items():
         kinds = ", ".join(f"{k} {v:.0f}" for k, v in r["peak_rss_mb_by_kind"].items())
         print(f"    {key}: {kinds}")
-    print("  Dirichlet(α) partition sizes (examples per client):")
-    for n, checks in result["dirichlet_partition_check"].items():
+    if "dirichlet_partition_check" in result:
+        print("  Dirichlet(α) partition sizes (examples per client):")
+    for n, checks in result.get("dirichlet_partition_check", {}).items():
         for alpha, c in checks.items():
             what = (c["error"] if "error" in c else
                     f"min {c['min']}, median {c['median']:.0f}, max {c['max']}, "
