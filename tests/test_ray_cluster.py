@@ -61,6 +61,13 @@ def _kill_group(pgid: int, grace: float = 10.0) -> None:
         time.sleep(0.2)
 
 
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
 class Cluster:
     """A head and a worker node started with `ray start`, each in its own process group."""
 
@@ -99,6 +106,10 @@ class Cluster:
             if name in self.groups:
                 _kill_group(self.groups[name])
         left = {name: _pgid_alive(pgid) for name, pgid in self.groups.items()}
+        left["by path"] = [
+            int(c.parent.name) for c in Path("/proc").glob("[0-9]*/cmdline")
+            if str(self.root).encode() in _read(c)
+        ]  # fmt: skip
         assert not any(left.values()), f"Ray processes left: {left}"
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -140,7 +151,8 @@ def _listing(record: dict) -> str:
     lines = [f"Ray cluster {record['address']}: ClientAppActor actors per node"]
     for node in record["nodes"]:
         role = "head" if node.get("head") else "worker"
-        lines.append(f"  node {node['node_id'][:16]} ({role}, alive={node['alive']}): "
+        lines.append(f"  node {node['node_id'][:16]} ({role}, alive={node['alive']}, "
+                     f"reachable={node.get('reachable')}): "
                      f"{len(node['actors'])} actor(s)")  # fmt: skip
         for actor in node["actors"]:
             death = f" - {actor['death'][:90]}" if actor.get("death") else ""
@@ -205,7 +217,7 @@ def test_worker_node_killed_mid_run_ends_recorded(ray_cluster, own_superlink, tm
             time.sleep(0.3)
         assert proc.poll() is None, "the run ended before the worker could be killed"
         killed_at = time.monotonic()
-        _kill_group(ray_cluster.groups["worker"], grace=0.0)  # SIGKILL: the node dies
+        os.killpg(ray_cluster.groups["worker"], signal.SIGKILL)  # the node dies, no goodbye
         code = proc.wait(timeout=RUN_TIMEOUT_S)  # a hang fails here
         ended_after = time.monotonic() - killed_at
     finally:
@@ -219,16 +231,22 @@ def test_worker_node_killed_mid_run_ends_recorded(ray_cluster, own_superlink, tm
     record = json.loads((run_dir / "ray-cluster.json").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
     failures = [f for r in metrics["rounds"] for f in r.get("failures", [])]
+    lost_rounds = [
+        (r.get("round"), f.get("partition_id"), f["reason"].splitlines()[0][:100])
+        for r in metrics["rounds"] for f in r.get("failures", [])
+    ]  # fmt: skip
     print(f"\n{_listing(record)}\nexit {code}, ended {ended_after:.1f}s after the kill; "
           f"{len(metrics['rounds'])} round(s) recorded, failures: "
-          f"{[(f.get('round'), f.get('reason', f)) for f in failures][:4]}\n"
+          f"{lost_rounds}\n"
           f"last lines: {text.strip().splitlines()[-3:]}")  # fmt: skip
     assert record["nodes_lost"], _listing(record)  # the record names the lost node
     lost = [n for n in record["nodes"] if n["node_id"] in record["nodes_lost"]]
     assert all(not n.get("head") for n in lost)
     if code == 0:  # recovered on the head node: what was lost is in the rounds' failures
         assert failures, metrics["rounds"]
+        assert all("ray.exceptions" in f["reason"] for f in failures), failures
         assert len(metrics["rounds"]) == 3
+        assert "lost during the run" in text
     else:  # a recorded failure: fedvault's one line
         assert "fedvault: error:" in text or "failed" in text, text[-3000:]
 

@@ -394,6 +394,9 @@ def _read_cluster(address: str, since: float) -> dict:
                 "node_id": n["NodeID"], "alive": bool(n["Alive"]),
                 "head": "node:__internal_head__" in n.get("Resources", {}),
                 "address": n.get("NodeManagerAddress"),
+                # the GCS marks a killed node dead only after its health checks fail (~15 s
+                # and more): a node whose raylet refuses connections is lost already
+                "reachable": _answers(n.get("NodeManagerAddress"), n.get("NodeManagerPort")),
                 "resources": {k: v for k, v in n.get("Resources", {}).items()
                               if not k.startswith("node:")},
                 "actors": [],
@@ -416,8 +419,21 @@ def _read_cluster(address: str, since: float) -> dict:
             })  # fmt: skip
     finally:
         ray.shutdown()
-    lost = [n["node_id"] for n in nodes.values() if n["alive"] is False and n["actors"]]
+    lost = [
+        n["node_id"] for n in nodes.values()
+        if n["actors"] and (n["alive"] is False or n.get("reachable") is False)
+    ]  # fmt: skip
     return {"address": address, "nodes": list(nodes.values()), "nodes_lost": lost}
+
+
+def _answers(host: str | None, port: int | None, timeout: float = 2.0) -> bool | None:
+    if not host or not port:
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout):
+            return True
+    except OSError:
+        return False
 
 
 def cluster_summary(record: dict) -> str:
@@ -427,7 +443,7 @@ def cluster_summary(record: dict) -> str:
     parts = []
     for n in record["nodes"]:
         role = "head" if n.get("head") else "worker"
-        status = "" if n["alive"] is not False else ", LOST"
+        status = ", LOST" if n["node_id"] in record["nodes_lost"] else ""
         parts.append(f"node {str(n['node_id'])[:12]} ({role}{status}): {len(n['actors'])}")
     return f"ray cluster {record['address']}: ClientApp actors per node: " + "; ".join(parts)
 
@@ -438,6 +454,12 @@ def _record_cluster(address: str, since: float, run_dir: Path | None) -> None:
     line = cluster_summary(record)
     log.info("%s", line)
     sys.stderr.write(f"fedvault: {line}\n")
+    if record.get("nodes_lost"):
+        lost = ", ".join(str(n)[:12] for n in record["nodes_lost"])
+        log.warning("%s", warning := (
+            f"Ray node(s) {lost} lost during the run: their clients' rounds are failures in "
+            f"{RunDir.METRICS} (rounds[].failures); the nodes in {RAY_CLUSTER_FILE}"))  # fmt: skip
+        sys.stderr.write(f"fedvault: {warning}\n")
     if run_dir is not None:
         with contextlib.suppress(OSError):
             run_dir.mkdir(parents=True, exist_ok=True)
