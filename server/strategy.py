@@ -4,8 +4,11 @@ Sampling draws nodes, not partitions: each round orders the connected node ids (
 an RNG seeded from ``(seed, purpose, round)`` and takes the first ``max(fraction × nodes,
 minimum)``. Only the nodes drawn are asked which partition they hold (a QUERY message,
 answered by the ClientApp; a node is asked once per run, its answer kept), so round 1 costs
-one query per *sampled* client, not one per node of the federation (10,000 nodes: ~130 s of
-queries in Flower's simulation engine before, a few ms now). A drawn node that does not
+one query per *sampled* client, not one per node of the federation (asking every node took
+~18 s at 1,000 nodes in Flower's simulation engine, and grows faster than the federation:
+the engine's dispatcher scans every in-flight message for every node each 0.1 s). The first
+message to a node pays its ClientApp's cold start (~10 s for a Ray actor on 2 CPU cores),
+whatever the message, so this query is where round 1 pays it. A drawn node that does not
 answer (offline, or refusing this app: see docs/deploy.md) is left out of the round and
 replaced by the next node in the round's order, so the round keeps its size while nodes
 remain; it is asked again the next time it is drawn. The round's record names partitions,
