@@ -55,7 +55,7 @@ from typing import Any
 import tomli_w
 
 from common.config import ConfigError, RunConfig
-from common.files import file_lock, read_json_object
+from common.files import file_lock, read_json_object, write_json_atomic
 from common.logs import find_user_error, one_line
 from common.ops import flower
 from common.ops.flower import ANSI, RUN_ID, FlowerMissingError
@@ -463,7 +463,7 @@ def _record_cluster(address: str, since: float, run_dir: Path | None) -> None:
     if run_dir is not None:
         with contextlib.suppress(OSError):
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / RAY_CLUSTER_FILE).write_text(json.dumps(record, indent=2) + "\n")
+            write_json_atomic(run_dir / RAY_CLUSTER_FILE, record)
 
 
 # -- checks before launch ----------------------------------------------------------------------
